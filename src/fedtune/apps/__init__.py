@@ -1,0 +1,37 @@
+"""Flower apps: a thin ServerApp and ClientApp that turn Messages into plain calls.
+
+Both read the experiment from Flower's run config, which carries either `config-json` (the
+resolved config, as `fedtune run` sends it) or `recipe` + `set` (as `flwr run .` sends it).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from fedtune import config as C
+
+
+def find_recipe(path: str) -> Path:
+    """A relative recipe path is looked up in the working directory, then in the Flower app
+    folder (which Flower puts on sys.path while it loads the app)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    for entry in sys.path:
+        candidate = Path(entry or ".") / p
+        if candidate.is_file():
+            return candidate
+    raise C.ConfigError([f"recipe file not found: {path} (looked in the working directory "
+                         "and the Flower app folder)"])
+
+
+def config_from_run_config(run_config) -> C.Config:
+    """Decode the experiment from a Flower run config (keys: config-json | recipe, set)."""
+    text = str(run_config.get("config-json", "") or "")
+    if text:
+        return C.from_json(text)
+    recipe = str(run_config.get("recipe", "") or "")
+    overrides = shlex.split(str(run_config.get("set", "") or ""))
+    return C.load(find_recipe(recipe) if recipe else None, overrides)

@@ -1,0 +1,389 @@
+"""Typed, validated experiment config: one dataclass per recipe section.
+
+Why: a typo in a recipe must fail in the first second with the key's name, not after a
+model has loaded or in round 3. Every field carries its default and a help line, so the
+defaults live in exactly one place; `--set section.key=value` overrides are coerced to the
+field's type. All problems are reported together in one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import tomllib
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from fedtune import assets
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names every bad key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _f(default, help: str):  # noqa: A002 - `help` reads best in the field lists below
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("offline:smollm2-135m-instruct",
+                   "hub id (facebook/opt-350m), local folder, or offline:NAME (packaged asset)")
+    finetune: str = _f("lora", "`lora` (only adapter tensors train and travel) or `full`")
+    dtype: str = _f("float32", "weight dtype: float32 | bfloat16 | float16")
+    gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(8, "LoRA rank")
+    alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = _f(0.05, "dropout on the LoRA input")
+    target_modules: list = _f(["q_proj", "v_proj"],
+                              "module names to adapt, or [\"all-linear\"]")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("offline:python-stdlib",
+                     "hub dataset id, local .jsonl/.json/.csv/.parquet/.txt file, a folder "
+                     "of source files, or offline:NAME")
+    subset: str = _f("", "hub dataset configuration name (load_dataset's second argument)")
+    split: str = _f("train", "split to read from a hub dataset")
+    text_column: str = _f("text", "column holding the text")
+    file_glob: str = _f("**/*.py", "which files to read when `source` is a folder")
+    max_samples: int = _f(0, "use only the first N samples after shuffling (0 = all)")
+    test_samples: int = _f(64, "samples held out for the server's test split (never on clients)")
+    partitioner: str = _f("iid", "`iid` (all remaining samples) or `fixed-size`")
+    samples_per_client: int = _f(0, "samples per client for `fixed-size` (seed runs: 1000)")
+    seq_len: int = _f(128, "tokens per packed training block")
+
+
+@dataclass
+class TaskConfig:
+    type: str = _f("causal-lm", "`causal-lm`: pack text into blocks, loss on every token")
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = _f(3, "number of clients (SuperNodes); the data is split this many ways")
+    rounds: int = _f(3, "federated rounds")
+    fraction: float = _f(1.0, "fraction of clients sampled for training each round")
+    client_cpus: float = _f(1.0, "CPUs reserved per simulated client (Ray resources)")
+    client_threads: int = _f(1, "torch threads inside each client (0 = torch's default)")
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: float = _f(1.0, "passes over the client's blocks per round (if local_steps=0)")
+    local_steps: int = _f(0, "optimizer steps per round; > 0 overrides local_epochs")
+    batch_size: int = _f(4, "blocks per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    optimizer: str = _f("adamw", "`adamw` or `sgd`; a fresh optimizer each round")
+    lr: float = _f(2e-4, "learning rate (maximum of the cosine schedule)")
+    lr_min: float = _f(0.0, "final learning rate of the cosine schedule")
+    lr_schedule: str = _f("constant", "`constant` or `cosine` from lr to lr_min across rounds")
+    weight_decay: float = _f(0.0, "decoupled weight decay")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm (0 = no clipping)")
+    precision: str = _f("fp32", "`fp32` or `bf16` (CPU/GPU autocast; weights stay in dtype)")
+    seed: int = _f(0, "seed of data shuffling, partitions, LoRA init and local batches")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = _f("fedavg", "fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad")
+    params: dict = _f({}, "constructor arguments of the Flower strategy, e.g. proximal_mu")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(8, "blocks per evaluation batch")
+    max_blocks: int = _f(0, "evaluate at most N test blocks (0 = all)")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/latest", "run folder (metrics, logs, final model)")
+    overwrite: bool = _f(True, "allow writing into a non-empty run folder")
+    save_final: bool = _f(True, "save the final global model with save_pretrained")
+
+
+SECTIONS = {
+    "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "task": TaskConfig,
+    "federation": FederationConfig, "train": TrainConfig, "strategy": StrategyConfig,
+    "eval": EvalConfig, "output": OutputConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- parsing and coercion
+
+def _coerce(value, typ, key: str, problems: list[str]):
+    """Return value as `typ`, or record a problem naming the key."""
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
+    }[typ]
+    if not ok(value):
+        problems.append(f"`{key}` must be {typ.__name__}, got {type(value).__name__} {value!r}")
+        return None
+    return float(value) if typ is float else value
+
+
+def from_dict(raw: dict, problems: list[str] | None = None) -> Config:
+    """Build a Config from nested dicts (a parsed recipe); unknown keys are problems."""
+    own = problems is None
+    problems = [] if own else problems
+    cfg = Config()
+    for section, sub in raw.items():
+        if section not in SECTIONS:
+            problems.append(f"unknown section `{section}`; known: {', '.join(SECTIONS)}")
+            continue
+        if not isinstance(sub, dict):
+            problems.append(f"`{section}` must be a table")
+            continue
+        target = getattr(cfg, section)
+        hints = typing.get_type_hints(type(target))
+        for key, value in sub.items():
+            if key not in hints:
+                known = ", ".join(f.name for f in fields(target))
+                problems.append(f"unknown key `{section}.{key}`; known: {known}")
+                continue
+            coerced = _coerce(value, hints[key], f"{section}.{key}", problems)
+            if coerced is not None:
+                setattr(target, key, coerced)
+    if own and problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4); values are TOML, bare words are strings."""
+    if "=" not in item:
+        raise ConfigError([f"override `{item}` is not KEY=VALUE (e.g. train.lr=1e-4)"])
+    key, text = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: model names, paths
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Merge `a.b=v` overrides into a nested dict; a string field keeps the literal text."""
+    raw = json.loads(json.dumps(raw))  # deep copy
+    for item in overrides:
+        path, value = parse_override(item)
+        if len(path) == 2 and path[0] in SECTIONS:
+            hint = typing.get_type_hints(SECTIONS[path[0]]).get(path[1])
+            if hint is str and not isinstance(value, str):
+                value = item.split("=", 1)[1].strip()  # output.dir=123 stays the string "123"
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override `{item}`: `{part}` is not a table"])
+        node[path[-1]] = value
+    return raw
+
+
+def load(recipe: str | Path | None = None, overrides: list[str] | None = None,
+         check_paths: bool = True) -> Config:
+    """Read a recipe TOML (or only defaults), apply overrides, validate everything."""
+    raw: dict = {}
+    problems: list[str] = []
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError([f"recipe file not found: {path}"])
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError([f"{path} is not valid TOML: {err}"]) from None
+    raw = apply_overrides(raw, overrides or [])
+    cfg = from_dict(raw, problems)
+    problems += validate(cfg, check_paths=check_paths)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def from_json(text: str) -> Config:
+    return from_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------- semantic checks
+
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+TASKS = ("causal-lm",)
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+def looks_local(name: str) -> bool:
+    """A path the user meant as local: it exists, or starts like a path."""
+    return Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~"))
+
+
+def strategy_class(name: str):
+    from flwr.serverapp import strategy as S
+
+    return {"fedavg": S.FedAvg, "fedavgm": S.FedAvgM, "fedprox": S.FedProx,
+            "fedadam": S.FedAdam, "fedyogi": S.FedYogi, "fedadagrad": S.FedAdagrad}[name]
+
+
+# Set by fedtune from the federation section; a recipe must not set them in params.
+MANAGED_STRATEGY_ARGS = ("fraction_train", "fraction_evaluate", "min_train_nodes",
+                         "min_evaluate_nodes", "min_available_nodes", "weighted_by_key",
+                         "arrayrecord_key", "configrecord_key", "train_metrics_aggr_fn",
+                         "evaluate_metrics_aggr_fn")
+
+
+def _check_strategy(cfg: StrategyConfig) -> list[str]:
+    if cfg.name not in STRATEGIES:
+        return [f"`strategy.name` = {cfg.name!r} is not one of {', '.join(STRATEGIES)}"]
+    problems = []
+    sig = inspect.signature(strategy_class(cfg.name).__init__).parameters
+    for key, value in cfg.params.items():
+        if key in MANAGED_STRATEGY_ARGS:
+            problems.append(f"`strategy.params.{key}` is set by fedtune from [federation]")
+        elif key not in sig:
+            usable = [k for k in sig if k not in MANAGED_STRATEGY_ARGS + ("self",)]
+            problems.append(f"unknown key `strategy.params.{key}` for {cfg.name}; "
+                            + (f"known: {', '.join(usable)}" if usable else
+                               f"{cfg.name} takes no parameters"))
+        else:
+            default = sig[key].default
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    problems.append(f"`strategy.params.{key}` must be a number, got {value!r}")
+    return problems
+
+
+def _choice(problems, key, value, choices):
+    if value not in choices:
+        problems.append(f"`{key}` = {value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(problems, key, value, allow_zero=False):
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        problems.append(f"`{key}` must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config, check_paths: bool = True) -> list[str]:
+    """Ranges, choices and (optionally) that local paths and offline assets exist."""
+    p: list[str] = []
+    m, d, fed, t = cfg.model, cfg.data, cfg.federation, cfg.train
+    _choice(p, "model.finetune", m.finetune, ("lora", "full"))
+    _choice(p, "model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
+    _choice(p, "task.type", cfg.task.type, TASKS)
+    _choice(p, "data.partitioner", d.partitioner, ("iid", "fixed-size"))
+    _choice(p, "train.optimizer", t.optimizer, ("adamw", "sgd"))
+    _choice(p, "train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    _choice(p, "train.precision", t.precision, ("fp32", "bf16"))
+    for key, value in [("lora.r", cfg.lora.r), ("lora.alpha", cfg.lora.alpha),
+                       ("data.seq_len", d.seq_len), ("federation.num_clients", fed.num_clients),
+                       ("federation.rounds", fed.rounds), ("federation.client_cpus",
+                       fed.client_cpus), ("train.batch_size", t.batch_size),
+                       ("train.grad_accum", t.grad_accum), ("train.lr", t.lr),
+                       ("eval.batch_size", cfg.eval.batch_size)]:
+        _positive(p, key, value)
+    for key, value in [("data.max_samples", d.max_samples), ("data.test_samples",
+                       d.test_samples), ("train.local_steps", t.local_steps),
+                       ("train.local_epochs", t.local_epochs), ("train.lr_min", t.lr_min),
+                       ("train.weight_decay", t.weight_decay), ("train.max_grad_norm",
+                       t.max_grad_norm), ("eval.max_blocks", cfg.eval.max_blocks),
+                       ("federation.client_threads", fed.client_threads)]:
+        _positive(p, key, value, allow_zero=True)
+    if not 0 <= cfg.lora.dropout < 1:
+        p.append(f"`lora.dropout` must be in [0, 1), got {cfg.lora.dropout}")
+    if not 0 < fed.fraction <= 1:
+        p.append(f"`federation.fraction` must be in (0, 1], got {fed.fraction}")
+    if t.local_steps == 0 and t.local_epochs == 0:
+        p.append("set `train.local_steps` or `train.local_epochs` above 0")
+    if t.lr_min > t.lr:
+        p.append(f"`train.lr_min` ({t.lr_min}) must not exceed `train.lr` ({t.lr})")
+    if d.test_samples == 0:
+        p.append("`data.test_samples` must be > 0: the server evaluates on a held-out split")
+    if d.partitioner == "fixed-size" and d.samples_per_client <= 0:
+        p.append("`data.partitioner = \"fixed-size\"` needs `data.samples_per_client` > 0")
+    if d.partitioner == "iid" and d.samples_per_client:
+        p.append("`data.samples_per_client` only applies to `data.partitioner = \"fixed-size\"`")
+    if not all(isinstance(x, str) for x in cfg.lora.target_modules) or not cfg.lora.target_modules:
+        p.append("`lora.target_modules` must be a non-empty list of module names")
+    p += _check_strategy(cfg.strategy)
+    if check_paths:
+        p += _check_sources(cfg)
+    return p
+
+
+def _check_sources(cfg: Config) -> list[str]:
+    p = []
+    name = cfg.model.name
+    if assets.is_offline(name):
+        try:
+            assets.check_offline_model(name)
+        except (ValueError, FileNotFoundError) as err:
+            p.append(f"`model.name`: {err}")
+    elif looks_local(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            p.append(f"`model.name`: local model folder {name!r} does not exist")
+        elif not (path / "config.json").exists():
+            p.append(f"`model.name`: {name!r} has no config.json (not a save_pretrained folder)")
+    src = cfg.data.source
+    if assets.is_offline(src):
+        if src[len(assets.PREFIX):] not in assets.OFFLINE_DATASETS:
+            p.append(f"`data.source`: unknown offline dataset {src!r}; known: "
+                     + ", ".join(assets.PREFIX + k for k in assets.OFFLINE_DATASETS))
+    elif looks_local(src):
+        path = Path(src).expanduser()
+        if not path.exists():
+            p.append(f"`data.source`: {src!r} does not exist")
+        elif path.is_file() and path.suffix not in DATA_SUFFIXES:
+            p.append(f"`data.source`: {src!r} has suffix {path.suffix!r}; "
+                     f"supported: {', '.join(DATA_SUFFIXES)}")
+    return p
+
+
+def describe() -> str:
+    """Every key with its default and help line (for `fedtune keys` and the README)."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            lines.append(f"  {f.name} = {json.dumps(default)}  # {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""Data: load a source, hold out the server's test split, partition the rest, pack blocks.
+
+Why this order: the server test split is cut first from a seeded shuffle, so no client ever
+sees it, whatever the partitioner; clients then split the remainder with flwr-datasets
+partitioners, the same way Flower users do. Every process (server, each client) recomputes
+the split deterministically from the config, so no raw data ever travels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset, load_dataset
+
+from fedtune import assets
+from fedtune.config import DataConfig, looks_local
+
+
+class DataError(ValueError):
+    """The data does not fit the recipe (missing column, empty partition, too few samples)."""
+
+
+def load_source(cfg: DataConfig) -> Dataset:
+    """Read rows from a hub id, a local file, a folder of files, or a packaged corpus."""
+    src = cfg.source
+    if assets.is_offline(src):
+        ds = Dataset.from_list(assets.load_offline_texts(src))
+    elif looks_local(src):
+        path = Path(src).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.glob(cfg.file_glob) if p.is_file())
+            if not files:
+                raise DataError(f"no files match `data.file_glob` {cfg.file_glob!r} in {path}")
+            rows = [{cfg.text_column: f.read_text(encoding="utf-8", errors="replace"),
+                     "source": str(f.relative_to(path))} for f in files]
+            ds = Dataset.from_list(rows)
+        else:
+            kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+                    ".txt": "text"}[path.suffix]
+            ds = load_dataset(kind, data_files=str(path), split="train")
+    else:
+        ds = load_dataset(src, cfg.subset or None, split=cfg.split)
+    if cfg.text_column not in ds.column_names:
+        raise DataError(f"`data.text_column` = {cfg.text_column!r} is not a column of "
+                        f"{src!r}; its columns are: {', '.join(ds.column_names)}")
+    return ds
+
+
+def split(ds: Dataset, cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
+    """Seeded shuffle, optional cap, then (server test split, pool the clients share)."""
+    ds = ds.shuffle(seed=seed)
+    if cfg.max_samples:
+        ds = ds.select(range(min(cfg.max_samples, len(ds))))
+    if len(ds) <= cfg.test_samples:
+        raise DataError(f"{len(ds)} samples cannot give `data.test_samples` = "
+                        f"{cfg.test_samples} to the server and still leave some for clients")
+    test = ds.select(range(cfg.test_samples))
+    pool = ds.select(range(cfg.test_samples, len(ds)))
+    return test, pool
+
+
+def make_partitioner(cfg: DataConfig, num_clients: int, pool_size: int):
+    from flwr_datasets.partitioner import IidPartitioner, SizePartitioner
+
+    if cfg.partitioner == "fixed-size":
+        need = cfg.samples_per_client * num_clients
+        if need > pool_size:
+            raise DataError(f"{num_clients} clients x {cfg.samples_per_client} samples = {need}"
+                            f" but only {pool_size} samples remain after the test split")
+        return SizePartitioner([cfg.samples_per_client] * num_clients)
+    if num_clients > pool_size:
+        raise DataError(f"{num_clients} clients but only {pool_size} samples to share")
+    return IidPartitioner(num_partitions=num_clients)
+
+
+def partitions(pool: Dataset, cfg: DataConfig, num_clients: int) -> list[Dataset]:
+    """All client partitions (cheap: flwr-datasets returns index views)."""
+    part = make_partitioner(cfg, num_clients, len(pool))
+    part.dataset = pool
+    out = [part.load_partition(i) for i in range(num_clients)]
+    for i, p in enumerate(out):
+        if len(p) == 0:
+            raise DataError(f"client {i} has an empty partition; use fewer clients or more data")
+    return out
+
+
+def client_and_test(cfg: DataConfig, num_clients: int, seed: int, partition_id: int | None):
+    """What one process needs: its own partition (or None for the server) and the test split."""
+    test, pool = split(load_source(cfg), cfg, seed)
+    if partition_id is None:
+        return None, test
+    if not 0 <= partition_id < num_clients:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_clients - 1}")
+    return partitions(pool, cfg, num_clients)[partition_id], test
+
+
+def pack_blocks(ds: Dataset, tokenizer, text_column: str, seq_len: int) -> torch.Tensor:
+    """Tokenize, join documents with EOS, cut into [n_blocks, seq_len] (remainder dropped)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in ds[text_column]:
+        if text:
+            ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+            if eos is not None:
+                ids.append(eos)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise DataError(f"{len(ids)} tokens do not fill one block of `data.seq_len` = {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)

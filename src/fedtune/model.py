@@ -1,0 +1,110 @@
+"""Model: load a base model once, wrap it for full or LoRA fine-tuning, move trainable state.
+
+Why one notion of "trainable state": whatever has `requires_grad` is what trains, what the
+server aggregates and what travels; for LoRA that is the adapter tensors, for full
+fine-tuning every parameter (tied weights once, since `named_parameters` de-duplicates).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fedtune import assets
+from fedtune.config import Config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """The model could not be loaded as the recipe asks."""
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets.resolve_model(name))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: Config, seed: int | None = None):
+    """Base model (+ LoRA adapter initialised from `seed`), ready to train on CPU/GPU."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = assets.resolve_model(cfg.model.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype])
+    except OSError as err:
+        hint = ("" if os.environ.get("HF_HUB_OFFLINE") != "1" else
+                " (HF_HUB_OFFLINE=1 is set: hub ids only work if already in the HF cache)")
+        raise ModelError(f"cannot load `model.name` = {cfg.model.name!r}: {err}{hint}") from None
+    model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.model.finetune == "lora":
+        model = add_lora(model, cfg, seed=cfg.train.seed if seed is None else seed)
+    return model
+
+
+def add_lora(model, cfg: Config, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    names = cfg.lora.target_modules
+    target = "all-linear" if names == ["all-linear"] else names
+    present = {n.split(".")[-1] for n, _ in model.named_modules()}
+    if target != "all-linear" and not set(names) & present:
+        raise ModelError(f"`lora.target_modules` {names} match no module of "
+                         f"{cfg.model.name}; linear layers here include e.g. "
+                         f"{sorted(n for n in present if 'proj' in n or 'attn' in n)[:8]}")
+    torch.manual_seed(seed)  # identical adapter init on server and every client
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=target, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The tensors that train and travel, keyed by parameter name."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy received tensors into the trainable parameters, checking names and shapes."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = params.keys() - state.keys(), state.keys() - params.keys()
+    if missing or extra:
+        raise ModelError(f"received arrays do not match the model: {len(missing)} missing "
+                         f"(e.g. {sorted(missing)[:2]}), {len(extra)} unexpected "
+                         f"(e.g. {sorted(extra)[:2]}); do server and clients use one recipe?")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(torch.as_tensor(state[name]).to(p.dtype))
+
+
+def to_arrays(model):
+    """Trainable state as a Flower ArrayRecord (bf16 goes as fp32: the wire has no bf16)."""
+    from flwr.app import ArrayRecord
+
+    state = {n: (t.float() if t.dtype == torch.bfloat16 else t).cpu()
+             for n, t in trainable_state(model).items()}
+    return ArrayRecord(state)
+
+
+def from_arrays(record) -> dict[str, torch.Tensor]:
+    return record.to_torch_state_dict()
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_final(model, tokenizer, folder: Path) -> None:
+    """save_pretrained format: a PEFT adapter for LoRA, a full model otherwise."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,100 @@
+"""Run an experiment on Flower's Simulation Engine inside this process (`fedtune run`).
+
+Why not `flwr.simulation.run_simulation`: it is deprecated and hands the apps an empty run
+config. We call the engine underneath it with a `Run` whose override config carries the
+resolved experiment, and a tiny generated Flower app folder that declares that key, exactly
+as `flwr run` would after fusing `[tool.flwr.app.config]` with `--run-config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from fedtune import assets, config as C
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+APP_PYPROJECT = """[project]
+name = "fedtune-run"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "fedtune"
+
+[tool.flwr.app.components]
+serverapp = "fedtune.apps.server:app"
+clientapp = "fedtune.apps.client:app"
+
+[tool.flwr.app.config]
+config-json = ""
+"""
+
+
+def prepare(cfg: C.Config) -> None:
+    """Work done once before any process starts: convert offline weights, resolve paths."""
+    from fedtune import data
+
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    # Data errors (missing column, empty partition) surface here, before Ray starts.
+    _, pool = data.split(data.load_source(cfg.data), cfg.data, cfg.train.seed)
+    data.partitions(pool, cfg.data, cfg.federation.num_clients)
+    assets.resolve_model(cfg.model.name)
+
+
+def run_simulation(cfg: C.Config) -> dict:
+    """Run all rounds with `federation.num_clients` simulated SuperNodes; return summary."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    from fedtune.apps import client, server
+
+    prepare(cfg)
+    run_config = {"config-json": cfg.to_json()}
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run = Run.create_empty(run_id=run_id)
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = run_config
+    TaskIdentity.task_id, TaskIdentity.run_id = 1, run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=dict(run_config))
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
+        "init_args": {"include_dashboard": False},
+    }
+    app_dir = Path(tempfile.mkdtemp(prefix="fedtune-app-"))
+    try:
+        (app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
+        _run_simulation(
+            num_supernodes=cfg.federation.num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client.app, server_app=server.app,
+            backend_config=backend_config, server_app_context=context,
+            app_dir=str(app_dir), run=run, is_app=True,
+        )
+    finally:
+        shutil.rmtree(app_dir, ignore_errors=True)
+    summary_path = Path(cfg.output.dir).expanduser().absolute() / "summary.json"
+    if not summary_path.exists():
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; "
+                           "see run.log in that folder")
+    return json.loads(summary_path.read_text())

@@ -1,0 +1,147 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedtune import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_valid_without_checking_paths():
+    cfg = C.load(None, [], check_paths=False)
+    assert cfg.federation.num_clients == 3 and cfg.model.finetune == "lora"
+
+
+def test_unknown_key_and_section_are_named(tmp_path):
+    p = write(tmp_path, "[train]\nlrr = 1.0\n[trian]\nlr = 1.0\n")
+    with pytest.raises(C.ConfigError) as err:
+        C.load(p, check_paths=False)
+    msg = str(err.value)
+    assert "`train.lrr`" in msg and "unknown section `trian`" in msg
+
+
+def test_wrong_types_are_rejected_all_at_once(tmp_path):
+    p = write(tmp_path, '[federation]\nrounds = "3"\n[model]\ngradient_checkpointing = 1\n')
+    with pytest.raises(C.ConfigError) as err:
+        C.load(p, check_paths=False)
+    assert len(err.value.problems) == 2
+    assert "`federation.rounds` must be int" in str(err.value)
+    assert "`model.gradient_checkpointing` must be bool" in str(err.value)
+
+
+def test_int_is_accepted_for_float_but_not_bool_for_int(tmp_path):
+    cfg = C.load(write(tmp_path, "[train]\nlr = 1\n"), check_paths=False)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    with pytest.raises(C.ConfigError):
+        C.load(write(tmp_path, "[federation]\nrounds = true\n"), check_paths=False)
+
+
+def test_overrides_are_typed_and_strings_stay_literal():
+    cfg = C.load(None, ["train.lr=1e-5", "federation.rounds=7", "output.dir=123",
+                        "model.name=facebook/opt-350m", "lora.target_modules=['c_attn']",
+                        "strategy.name=fedprox", "strategy.params.proximal_mu=0.1"],
+                 check_paths=False)
+    assert cfg.train.lr == 1e-5 and cfg.federation.rounds == 7
+    assert cfg.output.dir == "123" and cfg.model.name == "facebook/opt-350m"
+    assert cfg.lora.target_modules == ["c_attn"]
+    assert cfg.strategy.params == {"proximal_mu": 0.1}
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(C.ConfigError, match="KEY=VALUE"):
+        C.load(None, ["train.lr"], check_paths=False)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("federation.fraction=0", "federation.fraction"),
+    ("federation.rounds=0", "federation.rounds"),
+    ("train.lr=-1", "train.lr"),
+    ("lora.dropout=1.5", "lora.dropout"),
+    ("model.finetune=half", "model.finetune"),
+    ("task.type=summarize", "task.type"),
+    ("data.partitioner=fixed-size", "samples_per_client"),
+    ("train.lr_min=1.0", "lr_min"),
+    ("strategy.name=fedfoo", "strategy.name"),
+    ("strategy.params.mu=0.1", "strategy.params.mu"),
+    ("strategy.params.fraction_train=0.5", "set by fedtune"),
+])
+def test_ranges_and_choices(override, needle):
+    with pytest.raises(C.ConfigError) as err:
+        C.load(None, [override], check_paths=False)
+    assert needle in str(err.value)
+
+
+def test_strategy_params_are_checked_against_flower_signatures():
+    cfg = C.load(None, ["strategy.name=fedavgm", "strategy.params.server_momentum=0.9"],
+                 check_paths=False)
+    assert cfg.strategy.params["server_momentum"] == 0.9
+    with pytest.raises(C.ConfigError, match="must be a number"):
+        C.load(None, ["strategy.name=fedprox", "strategy.params.proximal_mu='x'"],
+               check_paths=False)
+
+
+def test_missing_local_paths_are_reported():
+    with pytest.raises(C.ConfigError) as err:
+        C.load(None, ["model.name=./no/such/model", "data.source=/no/such/file.jsonl"])
+    msg = str(err.value)
+    assert "model folder './no/such/model' does not exist" in msg
+    assert "'/no/such/file.jsonl' does not exist" in msg
+
+
+def test_local_file_suffix_is_checked(tmp_path):
+    bad = tmp_path / "data.xlsx"
+    bad.write_text("x")
+    with pytest.raises(C.ConfigError, match="suffix '.xlsx'"):
+        C.load(None, [f"data.source={bad}"])
+
+
+def test_hub_ids_pass_validation_offline():
+    cfg = C.load(None, ["model.name=facebook/opt-350m",
+                        "data.source=codeparrot/codeparrot-clean-valid"])
+    assert cfg.data.source == "codeparrot/codeparrot-clean-valid"
+
+
+def test_json_round_trip():
+    cfg = C.load(None, ["train.lr=3e-4", "strategy.name=fedprox", "strategy.params.proximal_mu=0.0"],
+                 check_paths=False)
+    again = C.from_json(cfg.to_json())
+    assert again == cfg and again.hash() == cfg.hash()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_every_recipe_validates(recipe):
+    C.load(recipe)
+
+
+def test_seed_recipes_mirror_the_seed_experiments():
+    avgm = C.load(ROOT / "recipes/opt350m-codeparrot-fedavgm.toml")
+    prox = C.load(ROOT / "recipes/opt350m-codeparrot-fedprox.toml")
+    for cfg in (avgm, prox):
+        assert cfg.model.name == "facebook/opt-350m" and cfg.model.finetune == "full"
+        assert cfg.data.source == "codeparrot/codeparrot-clean-valid"
+        assert (cfg.federation.num_clients, cfg.data.samples_per_client) == (3, 1000)
+        assert (cfg.train.local_epochs, cfg.train.lr) == (3, 1e-5)
+        assert (cfg.train.batch_size, cfg.eval.batch_size) == (2, 4)
+    assert avgm.strategy.name == "fedavgm" and avgm.federation.rounds == 20
+    assert prox.strategy.name == "fedprox" and prox.federation.rounds == 10
+    assert prox.strategy.params["proximal_mu"] == 0.1
+
+
+def test_cli_rejects_a_bad_key_fast_and_clearly():
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "run",
+                           str(ROOT / "recipes/demo.toml"), "--set", "train.lrr=1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown key `train.lrr`" in proc.stderr
+    assert time.time() - t0 < 5

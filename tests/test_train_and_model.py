@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+
+from fedtune import config as C, model as M
+from fedtune.train import lr_for_round, num_local_steps, proximal_term, train_local
+
+
+def make_cfg(tiny_model_dir, *overrides):
+    return C.load(None, [f"model.name={tiny_model_dir}", "lora.r=4",
+                         "lora.target_modules=['q_proj','v_proj']", "train.local_steps=3",
+                         "train.batch_size=2", "train.lr=1e-2", *overrides])
+
+
+def blocks(n=8, t=16, seed=0):
+    return torch.randint(0, 500, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def flat(model):
+    return torch.cat([p.flatten() for p in M.trainable_state(model).values()])
+
+
+def test_cosine_schedule_goes_from_max_to_min_across_rounds():
+    cfg = C.TrainConfig(lr=1e-3, lr_min=1e-5, lr_schedule="cosine")
+    lrs = [lr_for_round(r, 5, cfg) for r in range(1, 6)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5)
+    assert lrs[2] == pytest.approx((1e-3 + 1e-5) / 2)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lr_for_round(3, 5, C.TrainConfig(lr=1e-3)) == 1e-3
+
+
+def test_local_steps_or_epochs():
+    assert num_local_steps(100, C.TrainConfig(local_steps=7)) == 7
+    assert num_local_steps(10, C.TrainConfig(local_epochs=2, batch_size=4)) == 6
+    assert num_local_steps(10, C.TrainConfig(local_epochs=1, batch_size=2, grad_accum=5)) == 1
+
+
+def test_proximal_term_is_squared_l2_distance():
+    p, a = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])], [torch.zeros(2), torch.ones(1, 1)]
+    assert proximal_term(p, a).item() == pytest.approx(1 + 4 + 4)
+
+
+def test_lora_only_adapters_train_and_travel(tiny_model_dir):
+    model = M.load_model(make_cfg(tiny_model_dir))
+    names = list(M.trainable_state(model))
+    assert names and all("lora_" in n for n in names)
+    record = M.to_arrays(model)
+    assert set(record.keys()) == set(names)
+    # wire size ~ 4 bytes per fp32 parameter plus a small header per array
+    n_params = sum(p.numel() for p in M.trainable_state(model).values())
+    assert 4 * n_params < record.count_bytes() < 4 * n_params + 200 * len(names)
+
+
+def test_full_mode_sends_every_parameter_once(tiny_model_dir):
+    model = M.load_model(make_cfg(tiny_model_dir, "model.finetune=full"))
+    state = M.trainable_state(model)
+    assert sum(t.numel() for t in state.values()) == sum(p.numel() for p in model.parameters())
+    assert "lm_head.weight" not in state  # tied to the embeddings: sent once
+
+
+def test_arrays_round_trip_reproduces_the_model(tiny_model_dir):
+    cfg = make_cfg(tiny_model_dir)
+    a = M.load_model(cfg)
+    train_local(a, blocks(), cfg.train, lr=1e-2, proximal_mu=0.0, seed=0)
+    b = M.load_model(cfg)
+    a.eval(), b.eval()  # no LoRA dropout
+    x = blocks(2, seed=5)
+    assert not torch.allclose(a(input_ids=x).logits, b(input_ids=x).logits)
+    M.load_trainable_state(b, M.from_arrays(M.to_arrays(a)))
+    assert torch.equal(a(input_ids=x).logits, b(input_ids=x).logits)
+
+
+def test_bf16_weights_travel_as_fp32(tiny_model_dir):
+    model = M.load_model(make_cfg(tiny_model_dir, "model.dtype=bfloat16",
+                                  "model.finetune=full"))
+    record = M.to_arrays(model)
+    assert {a.dtype for a in record.values()} == {"float32"}
+    M.load_trainable_state(model, M.from_arrays(record))
+
+
+def test_mismatched_arrays_are_a_clear_error(tiny_model_dir):
+    model = M.load_model(make_cfg(tiny_model_dir))
+    state = M.trainable_state(model)
+    state.pop(next(iter(state)))
+    with pytest.raises(M.ModelError, match="1 missing"):
+        M.load_trainable_state(model, state)
+
+
+def test_unknown_lora_target_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(M.ModelError, match="match no module"):
+        M.load_model(make_cfg(tiny_model_dir, "lora.target_modules=['c_attn']"))
+
+
+def test_fedprox_mu_zero_equals_fedavg_client_and_mu_pulls_towards_global(tiny_model_dir):
+    cfg = make_cfg(tiny_model_dir, "train.local_steps=6")
+    start = M.trainable_state(M.load_model(cfg))
+    results = {}
+    for mu in (0.0, 0.0, 50.0):
+        model = M.load_model(cfg)
+        M.load_trainable_state(model, start)
+        w0 = flat(model).clone()
+        res = train_local(model, blocks(), cfg.train, lr=1e-2, proximal_mu=mu, seed=3)
+        results.setdefault(mu, []).append((flat(model) - w0, res.loss))
+    (d0, l0), (d0b, l0b) = results[0.0]
+    assert torch.equal(d0, d0b) and l0 == l0b      # deterministic, so the comparison means something
+    d_prox, _ = results[50.0][0]
+    assert not torch.allclose(d0, d_prox)          # the term changes the update
+    assert d_prox.norm() < d0.norm()               # and keeps it closer to w_global
+
+
+def test_training_lowers_the_loss_on_the_trained_blocks(tiny_model_dir):
+    from fedtune.evaluate import eval_causal_lm
+
+    cfg = make_cfg(tiny_model_dir, "model.finetune=full", "train.local_steps=20",
+                   "train.lr=3e-3")
+    model = M.load_model(cfg)
+    b = blocks(4)
+    before = eval_causal_lm(model, b, batch_size=2)["eval_loss"]
+    train_local(model, b, cfg.train, lr=3e-3, proximal_mu=0.0, seed=0)
+    after = eval_causal_lm(model, b, batch_size=2)
+    assert after["eval_loss"] < before - 0.5
+    assert after["eval_ppl"] == pytest.approx(math.exp(after["eval_loss"]))
