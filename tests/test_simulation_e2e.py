@@ -67,11 +67,12 @@ def test_lora_simulation_writes_a_complete_run_folder(tmp_path, tiny_model_dir, 
     tok = AutoTokenizer.from_pretrained(out / "final")
     _, test = data.client_and_test(cfg.data, 2, cfg.train.seed, None)
     blocks = data.pack_blocks(test, tok, "text", cfg.data.seq_len)[: cfg.eval.max_blocks]
-    loss = eval_causal_lm(peft_model, blocks, cfg.eval.batch_size)["eval_loss"]
+    loss = eval_causal_lm(peft_model, blocks, cfg.eval.batch_size,
+                          cfg.train.precision)["eval_loss"]
     assert loss == pytest.approx(rows[-1]["eval_loss"], rel=1e-5)
     # and differs from the base model: the adapter carries what was learned
     base_loss = eval_causal_lm(AutoModelForCausalLM.from_pretrained(tiny_model_dir), blocks,
-                               cfg.eval.batch_size)["eval_loss"]
+                               cfg.eval.batch_size, cfg.train.precision)["eval_loss"]
     assert abs(base_loss - loss) > 1e-4
 
 

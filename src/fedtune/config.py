@@ -79,6 +79,7 @@ class FederationConfig:
     fraction: float = _f(1.0, "fraction of clients sampled for training each round")
     client_cpus: float = _f(1.0, "CPUs reserved per simulated client (Ray resources)")
     client_threads: int = _f(1, "torch threads inside each client (0 = torch's default)")
+    client_gpus: float = _f(0.0, "GPUs reserved per simulated client (0.5 = two per GPU)")
 
 
 @dataclass
@@ -325,7 +326,8 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
                        ("train.local_epochs", t.local_epochs), ("train.lr_min", t.lr_min),
                        ("train.weight_decay", t.weight_decay), ("train.max_grad_norm",
                        t.max_grad_norm), ("eval.max_blocks", cfg.eval.max_blocks),
-                       ("federation.client_threads", fed.client_threads)]:
+                       ("federation.client_threads", fed.client_threads),
+                       ("federation.client_gpus", fed.client_gpus)]:
         _positive(p, key, value, allow_zero=True)
     if not 0 <= cfg.lora.dropout < 1:
         p.append(f"`lora.dropout` must be in [0, 1), got {cfg.lora.dropout}")

@@ -15,8 +15,8 @@ def eval_causal_lm(model, blocks: torch.Tensor, batch_size: int, precision: str 
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        batch = blocks[i: i + batch_size]
-        with autocast(precision):
+        batch = blocks[i: i + batch_size].to(model.device)
+        with autocast(precision, model.device):
             loss = model(input_ids=batch, labels=batch).loss.float().item()
         n = batch.numel() - len(batch)  # each row predicts T-1 tokens
         total += loss * n

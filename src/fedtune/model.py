@@ -8,6 +8,7 @@ fine-tuning every parameter (tied weights once, since `named_parameters` de-dupl
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ def load_model(cfg: Config, seed: int | None = None):
                 " (HF_HUB_OFFLINE=1 is set: hub ids only work if already in the HF cache)")
         raise ModelError(f"cannot load `model.name` = {cfg.model.name!r}: {err}{hint}") from None
     model.config.use_cache = False
+    if torch.cuda.is_available():
+        model.to("cuda")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.model.finetune == "lora":
@@ -54,6 +57,9 @@ def load_model(cfg: Config, seed: int | None = None):
 
 def add_lora(model, cfg: Config, seed: int):
     from peft import LoraConfig, get_peft_model
+
+    # peft 0.21 calls a transformers method that transformers 5.23 marks deprecated
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
     names = cfg.lora.target_modules
     target = "all-linear" if names == ["all-linear"] else names

@@ -78,7 +78,8 @@ def run_simulation(cfg: C.Config) -> dict:
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=dict(run_config))
     backend_config = {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cfg.federation.client_cpus,
+                             "num_gpus": cfg.federation.client_gpus},
         "init_args": {"include_dashboard": False},
     }
     app_dir = Path(tempfile.mkdtemp(prefix="fedtune-app-"))

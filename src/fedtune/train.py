@@ -32,9 +32,9 @@ def num_local_steps(n_blocks: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(per_epoch * cfg.local_epochs))
 
 
-def autocast(precision: str):
+def autocast(precision: str, device: torch.device | str = "cpu"):
     if precision == "bf16":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -75,9 +75,9 @@ def train_local(model, blocks: torch.Tensor, cfg: TrainConfig, lr: float, proxim
         for _ in range(cfg.grad_accum):
             if cursor >= len(order):  # next epoch: a fresh permutation
                 order, cursor = torch.randperm(len(blocks), generator=gen), 0
-            batch = blocks[order[cursor: cursor + cfg.batch_size]]
+            batch = blocks[order[cursor: cursor + cfg.batch_size]].to(model.device)
             cursor += cfg.batch_size
-            with autocast(cfg.precision):
+            with autocast(cfg.precision, model.device):
                 loss = model(input_ids=batch, labels=batch).loss
             total = loss
             if anchors:

@@ -6,7 +6,6 @@ resolved config, as `fedtune run` sends it) or `recipe` + `set` (as `flwr run .`
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 
@@ -33,5 +32,5 @@ def config_from_run_config(run_config) -> C.Config:
     if text:
         return C.from_json(text)
     recipe = str(run_config.get("recipe", "") or "")
-    overrides = shlex.split(str(run_config.get("set", "") or ""))
+    overrides = str(run_config.get("set", "") or "").split()  # KEY=VALUE items, no spaces
     return C.load(find_recipe(recipe) if recipe else None, overrides)
