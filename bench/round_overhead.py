@@ -54,7 +54,11 @@ def plain_loop(cfg) -> tuple[float, float, list]:
     if cfg.eval.max_blocks:
         test_blocks = test_blocks[: cfg.eval.max_blocks]
     setup = time.perf_counter() - t_setup
-    losses = [eval_causal_lm(model, test_blocks, cfg.eval.batch_size)["eval_loss"]]
+    def evaluate():
+        return eval_causal_lm(model, test_blocks, cfg.eval.batch_size,
+                              cfg.train.precision)["eval_loss"]
+
+    losses = [evaluate()]
     t0 = time.perf_counter()
     for rnd in range(1, cfg.federation.rounds + 1):
         glob = {k: v.clone() for k, v in M.trainable_state(model).items()}
@@ -67,7 +71,7 @@ def plain_loop(cfg) -> tuple[float, float, list]:
             for k, v in M.trainable_state(model).items():
                 acc[k] += v * (len(b) / total)
         M.load_trainable_state(model, acc)
-        losses.append(eval_causal_lm(model, test_blocks, cfg.eval.batch_size)["eval_loss"])
+        losses.append(evaluate())
     return setup, time.perf_counter() - t0, losses
 
 

@@ -50,6 +50,8 @@ def test_lora_simulation_writes_a_complete_run_folder(tmp_path, tiny_model_dir, 
         assert r["train_tokens"] == 2 * 3 * 2 * 32         # clients x steps x batch x seq
         assert r["round_seconds"] > 0 and r["client_peak_rss_mb"] > 0
     assert all(r["eval_loss"] > 0 for r in rows)
+    # simulation keeps client processes warm: the base model is loaded once, not per round
+    assert rows[1]["client_model_loads"] >= 1 and rows[2]["client_model_loads"] == 0
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2

@@ -28,11 +28,13 @@ _BLOCKS: dict[tuple, torch.Tensor] = {}  # (data json, tokenizer, seed, clients,
 
 
 def _model_and_tokenizer(cfg):
+    """(model, tokenizer, loaded_now): loaded once per process and experiment."""
     key = f"{cfg.model}{cfg.lora}{cfg.train.seed}"
-    if key not in _MODELS:
+    loaded_now = key not in _MODELS
+    if loaded_now:
         _MODELS.clear()  # one model per process: a new experiment replaces the old one
         _MODELS[key] = (M.load_model(cfg), M.load_tokenizer(cfg.model.name))
-    return _MODELS[key]
+    return (*_MODELS[key], loaded_now)
 
 
 def _client_blocks(cfg, pid: int, tokenizer) -> torch.Tensor:
@@ -54,7 +56,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.federation.client_threads:
         torch.set_num_threads(cfg.federation.client_threads)
     t0 = time.perf_counter()
-    model, tokenizer = _model_and_tokenizer(cfg)
+    model, tokenizer, loaded_now = _model_and_tokenizer(cfg)
     blocks = _client_blocks(cfg, pid, tokenizer)
     setup_s = time.perf_counter() - t0
 
@@ -76,6 +78,7 @@ def train(msg: Message, context: Context) -> Message:
         "train_tokens": result.tokens,
         "train_seconds": result.seconds,
         "setup_seconds": setup_s,
+        "model_loaded": int(loaded_now),  # 0 when the process kept the model from an earlier round
         "peak_rss_mb": peak_rss_mb(),
         "partition_id": pid,
     })
