@@ -100,6 +100,12 @@ def main() -> None:
           f" setup {setup:.1f} s not counted)")
     print(f"  ratio flower rounds / plain loop  : {rounds_s / loop_s:8.2f}")
     print(f"  ratio flower command / plain loop : {wall / (loop_s + setup):8.2f}")
+    for r in rows[1:]:
+        other = r["round_seconds"] - r["client_train_seconds_sum"] - r["eval_seconds"]
+        print(f"  flower round {r['round']}: {r['round_seconds']:.1f} s = clients' local training "
+              f"{r['client_train_seconds_sum']:.1f} s (summed) + server eval "
+              f"{r['eval_seconds']:.1f} s + the rest {other:.1f} s (client setup "
+              f"{r['client_setup_seconds_max']:.1f} s, messages, aggregation, parallelism)")
 
 
 if __name__ == "__main__":

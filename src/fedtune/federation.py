@@ -113,6 +113,8 @@ def run_federation(grid, cfg: C.Config) -> dict:
             "tokens_per_s": (sum(m["train_tokens"] for m in cm) / train_seconds
                              if train_seconds else 0.0),
             "client_train_seconds_max": train_seconds,
+            "client_train_seconds_sum": sum(m["train_seconds"] for m in cm),
+            "client_setup_seconds_max": max((m["setup_seconds"] for m in cm), default=0.0),
             "client_model_loads": sum(int(m["model_loaded"]) for m in cm),
             "bytes_down": bytes_down,
             "bytes_up": bytes_up,
