@@ -59,7 +59,9 @@ def test_flwr_run_dot_runs_the_fedtune_app(tmp_path, tiny_model_dir, code_jsonl)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
         "insecure = true\n")
-    env = os.environ | {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+    # the SuperLink starts `flower-superexec` and `flwr-simulation` by name: PATH must have them
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                        "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                         "FLWR_DISABLE_UPDATE_CHECK": "1",
                         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     pyproject_before = (ROOT / "pyproject.toml").read_text()
