@@ -1,8 +1,11 @@
 """End to end: `fedtune run` on Flower's Simulation Engine, then check the run folder."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +24,15 @@ def tiny_overrides(model_dir, data_file, out, *extra):
             f"output.dir={out}", *extra]
 
 
-def run_cli(overrides, timeout=400):
-    args = [sys.executable, "-m", "fedtune.cli", "run", str(ROOT / "recipes/demo.toml")]
+def cli_args(overrides, recipe=str(ROOT / "recipes/demo.toml")):
+    args = [sys.executable, "-m", "fedtune.cli", "run", *([recipe] if recipe else [])]
     for o in overrides:
         args += ["--set", o]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    return args
+
+
+def run_cli(overrides, timeout=400):
+    proc = subprocess.run(cli_args(overrides), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -95,3 +102,40 @@ def test_full_finetuning_with_fedprox_in_simulation(tmp_path, tiny_model_dir,
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "final")  # a full save_pretrained model
+
+
+def read_rows(out):
+    path = out / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_a_killed_simulation_resumes_to_the_same_metrics(tmp_path, tiny_model_dir, code_jsonl):
+    extra = ("federation.rounds=4", "output.save_every=1", "strategy.name=fedavgm",
+             "strategy.params.server_momentum=0.5", "output.plots=false")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_cli(tiny_overrides(tiny_model_dir, code_jsonl, full, *extra))
+
+    proc = subprocess.Popen(cli_args(tiny_overrides(tiny_model_dir, code_jsonl, cut, *extra)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r["round"] == 2 for r in read_rows(cut)):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # like an OOM kill: no chance to clean up
+    proc.wait()
+    killed_at = max(r["round"] for r in read_rows(cut))
+    assert 2 <= killed_at < 4 and not (cut / "summary.json").exists()
+
+    resumed = subprocess.run(cli_args([], recipe=None) + ["--resume", str(cut)],
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    a, b = read_rows(full), read_rows(cut)
+    assert [r["round"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], rel=1e-5), ra["round"]
+        if ra["round"]:
+            assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["resumed_from_round"] >= 2

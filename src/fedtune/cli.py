@@ -1,4 +1,4 @@
-"""`fedtune` command line: run | validate | keys.
+"""`fedtune` command line: run | validate | report | keys.
 
 Heavy imports (torch, transformers, flwr) happen only after the recipe validated, so a bad
 key fails in about a second.
@@ -15,6 +15,16 @@ from pathlib import Path
 def _load(args):
     from fedtune import config as C
 
+    if getattr(args, "resume", None):
+        # a run folder's config.toml is a complete recipe; overrides may extend the rounds
+        run_dir = Path(args.resume).expanduser()
+        if not (run_dir / "config.toml").is_file():
+            raise C.ConfigError([f"--resume {run_dir}: no config.toml there (not a run folder)"])
+        cfg = C.load(run_dir / "config.toml", [*args.set, "output.resume=true",
+                                                f"output.dir={run_dir.absolute()}"])
+        return cfg
+    if not args.recipe:
+        raise C.ConfigError(["give a recipe (fedtune run RECIPE.toml) or --resume RUN_DIR"])
     cfg = C.load(args.recipe, args.set)
     out = Path(cfg.output.dir).expanduser()
     cfg.output.dir = str(out.absolute())  # every process writes to the same place
@@ -23,7 +33,7 @@ def _load(args):
 
 def cmd_run(args) -> int:
     cfg = _load(args)
-    print(f"[fedtune] {args.recipe}: {cfg.federation.num_clients} clients, "
+    print(f"[fedtune] {args.recipe or args.resume}: {cfg.federation.num_clients} clients, "
           f"{cfg.federation.rounds} rounds, {cfg.model.finetune} fine-tuning of "
           f"{cfg.model.name} on {cfg.data.source} -> {cfg.output.dir}", flush=True)
     from fedtune.simulation import run_simulation
@@ -46,6 +56,12 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from fedtune.report import report_main
+
+    return report_main(args.runs)
+
+
 def cmd_keys(args) -> int:
     from fedtune.config import describe
 
@@ -61,10 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         ("validate", cmd_validate, "check a recipe (keys, types, ranges, paths) without training"),
     ]:
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("recipe", help="recipe TOML file, e.g. recipes/demo.toml")
+        p.add_argument("recipe", nargs="?" if name == "run" else None,
+                       help="recipe TOML file, e.g. recipes/demo.toml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe value, e.g. --set federation.rounds=2")
+        if name == "run":
+            p.add_argument("--resume", metavar="RUN_DIR",
+                           help="continue a stopped or killed run from its latest checkpoint")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("report", help="(re)write report.md/.html and plots of one run, or "
+                       "overlay several runs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.set_defaults(fn=cmd_report)
     sub.add_parser("keys", help="list every recipe key with its default").set_defaults(
         fn=cmd_keys)
     args = parser.parse_args(argv)

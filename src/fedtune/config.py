@@ -9,6 +9,7 @@ field's type. All problems are reported together in one `ConfigError`.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 import tomllib
@@ -96,6 +97,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "clip the gradient norm (0 = no clipping)")
     precision: str = _f("fp32", "`fp32` or `bf16` (CPU/GPU autocast; weights stay in dtype)")
     seed: int = _f(0, "seed of data shuffling, partitions, LoRA init and local batches")
+    early_stopping: dict = _f({}, "stop when the centralized metric stops improving: "
+                              "{metric = \"eval_loss\", patience = 3, min_delta = 0.0}")
 
 
 @dataclass
@@ -115,6 +118,13 @@ class OutputConfig:
     dir: str = _f("runs/latest", "run folder (metrics, logs, final model)")
     overwrite: bool = _f(True, "allow writing into a non-empty run folder")
     save_final: bool = _f(True, "save the final global model with save_pretrained")
+    save_every: int = _f(0, "checkpoint the global model every N rounds (0 = never)")
+    keep_last: int = _f(2, "how many periodic checkpoints to keep (the best is kept apart)")
+    keep_best: str = _f("", "also keep the best round's model by this metric, e.g. eval_loss")
+    plots: bool = _f(True, "write plots/*.png after every round and a report at the end")
+    tensorboard: bool = _f(False, "write TensorBoard event files to tensorboard/")
+    trackers: list = _f([], "optional experiment trackers: \"mlflow\", \"wandb\"")
+    resume: bool = _f(False, "continue the run in `dir` from its latest checkpoint")
 
 
 SECTIONS = {
@@ -293,6 +303,35 @@ def _check_strategy(cfg: StrategyConfig) -> list[str]:
     return problems
 
 
+TRACKERS = ("mlflow", "wandb")
+LOWER_IS_BETTER = ("eval_loss", "eval_ppl")
+
+
+def metric_mode(metric: str) -> str:
+    """`min` for losses and perplexity, `max` for accuracy-like metrics."""
+    return "min" if metric in LOWER_IS_BETTER or metric.endswith("loss") else "max"
+
+
+def _check_early_stopping(es: dict) -> list[str]:
+    if not es:
+        return []
+    known = {"metric": str, "patience": int, "min_delta": (int, float)}
+    p = [f"unknown key `train.early_stopping.{k}`; known: {', '.join(known)}"
+         for k in es if k not in known]
+    for key, typ in known.items():
+        if key in es and (isinstance(es[key], bool) or not isinstance(es[key], typ)):
+            p.append(f"`train.early_stopping.{key}` has the wrong type: {es[key]!r}")
+    if "patience" not in es:
+        p.append("`train.early_stopping` needs `patience` (rounds without improvement)")
+    elif isinstance(es["patience"], int) and es["patience"] < 1:
+        p.append("`train.early_stopping.patience` must be >= 1")
+    metric = es.get("metric", "eval_loss")
+    if isinstance(metric, str) and not metric.startswith("eval_"):
+        p.append(f"`train.early_stopping.metric` = {metric!r}: early stopping watches the "
+                 "centralized evaluation, so the metric must start with eval_")
+    return p
+
+
 def _choice(problems, key, value, choices):
     if value not in choices:
         problems.append(f"`{key}` = {value!r} is not one of {', '.join(choices)}")
@@ -346,6 +385,22 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     if not all(isinstance(x, str) for x in cfg.lora.target_modules) or not cfg.lora.target_modules:
         p.append("`lora.target_modules` must be a non-empty list of module names")
     p += _check_strategy(cfg.strategy)
+    p += _check_early_stopping(t.early_stopping)
+    o = cfg.output
+    _positive(p, "output.save_every", o.save_every, allow_zero=True)
+    _positive(p, "output.keep_last", o.keep_last)
+    for name in o.trackers:
+        if name not in TRACKERS:
+            p.append(f"`output.trackers`: unknown tracker {name!r}; known: {', '.join(TRACKERS)}")
+    for key, wanted in [("output.tensorboard", ["tensorboard"] if o.tensorboard else []),
+                        ("output.trackers", [n for n in o.trackers if n in TRACKERS])]:
+        for pkg in wanted:
+            if importlib.util.find_spec(pkg) is None:
+                p.append(f"`{key}` needs the `{pkg}` package, which is not installed "
+                         f"(pip install {pkg}); fedtune does not depend on it")
+    if o.keep_best and not o.keep_best.startswith("eval_"):
+        p.append(f"`output.keep_best` = {o.keep_best!r} must name a centralized metric "
+                 "(eval_loss, eval_ppl, ...)")
     if check_paths:
         p += _check_sources(cfg)
     return p

@@ -28,16 +28,53 @@ def peak_rss_mb() -> float:
 class RunFolder:
     def __init__(self, cfg: Config):
         self.dir = Path(cfg.output.dir).expanduser().absolute()
-        if self.dir.exists() and any(self.dir.iterdir()) and not cfg.output.overwrite:
+        resume = cfg.output.resume
+        if (self.dir.exists() and any(self.dir.iterdir()) and not cfg.output.overwrite
+                and not resume):
             raise FileExistsError(f"run folder {self.dir} is not empty and "
                                   "`output.overwrite` is false")
         self.dir.mkdir(parents=True, exist_ok=True)
+        resolved = cfg.to_dict()
+        resolved["output"]["resume"] = False  # the file re-runs the experiment from scratch
         (self.dir / "config.toml").write_text(
-            f"# resolved config, hash {cfg.hash()}\n" + tomli_w.dumps(cfg.to_dict()))
+            f"# resolved config, hash {cfg.hash()}\n" + tomli_w.dumps(resolved))
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        if not resume:
+            self.metrics_path.write_text("")
+            for stale in ("summary.json", "report.md", "report.html"):
+                (self.dir / stale).unlink(missing_ok=True)
         self.rows: list[dict] = []
         self.log = _file_logger(self.dir / "run.log")
+
+    def reset_rows(self, rows: list[dict]) -> None:
+        """On resume: metrics.jsonl holds exactly the checkpoint's rounds again."""
+        self.rows = []
+        self.metrics_path.write_text("")
+        for row in rows:
+            self.append(row)
+
+    def write_json(self, name: str, obj) -> None:
+        tmp = self.dir / f"{name}.tmp"
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.dir / name)
+
+    def plots(self) -> None:
+        """Refresh plots/*.png; a plotting problem is logged, never fatal to the run."""
+        try:
+            from fedtune.report import write_plots
+
+            write_plots(self.dir)
+        except Exception as err:  # noqa: BLE001 - results matter more than pictures
+            self.log.warning(f"could not write plots: {err!r}")
+
+    def report(self) -> None:
+        try:
+            from fedtune.report import write_report
+
+            md, html = write_report(self.dir)
+            self.log.info(f"report: {html}")
+        except Exception as err:  # noqa: BLE001
+            self.log.warning(f"could not write the report: {err!r}")
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
@@ -47,9 +84,7 @@ class RunFolder:
             os.fsync(f.fileno())
 
     def write_summary(self, summary: dict) -> None:
-        tmp = self.dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        tmp.replace(self.dir / "summary.json")
+        self.write_json("summary.json", summary)
 
 
 def _file_logger(path: Path) -> logging.Logger:
@@ -79,7 +114,10 @@ def summarize(rows: list[dict], wall_seconds: float, extra: dict) -> dict:
                  and math.isfinite(r["eval_loss"])]
     best = min(evaluated, key=lambda r: r["eval_loss"]) if evaluated else None
     trained = [r for r in rows if r["round"] > 0]
+    from fedtune import __version__
+
     return {
+        "fedtune_version": __version__,
         "rounds_completed": len(trained),
         "best_round": best["round"] if best else None,
         "best_eval_loss": best["eval_loss"] if best else None,
@@ -91,4 +129,46 @@ def summarize(rows: list[dict], wall_seconds: float, extra: dict) -> dict:
         "total_train_samples": sum(r.get("train_samples", 0) for r in trained),
         "total_train_tokens": sum(r.get("train_tokens", 0) for r in trained),
         **extra,
+    }
+
+
+def partition_report(parts) -> dict:
+    """partitions.json: per client the number of samples (and a histogram when labelled)."""
+    return {"clients": [{"client": i, "num_examples": len(p), "histogram": {}}
+                        for i, p in enumerate(parts)]}
+
+
+def manifest(cfg: Config, parts) -> dict:
+    """What reproduces this run: versions, git commit, config and partition hashes, seed."""
+    import hashlib
+    import platform
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    from fedtune import __version__
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    commit = None
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], text=True,
+                                capture_output=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    fingerprints = [getattr(p, "_fingerprint", str(len(p))) for p in parts]
+    import torch
+
+    return {
+        "fedtune_version": __version__, "git_commit": commit, "packages": versions,
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
+        "config_hash": cfg.hash(),
+        "partition_hash": hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest()[:12],
+        "seed": cfg.train.seed, "command": " ".join(sys.argv),
     }

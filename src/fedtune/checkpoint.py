@@ -1,0 +1,123 @@
+"""Checkpoints: the global model in save_pretrained format plus what the server needs to resume.
+
+Layout under RUN_DIR/checkpoints/:
+    round-0004/        save_pretrained model (adapter or full) + tokenizer + server_state.pt
+    best/              the same for the best round by `output.keep_best`
+    latest.json        {"round": 4, "path": "round-0004"}: the newest complete checkpoint
+
+Why atomic: a run killed mid-write (OOM, Ctrl-C, exit 137) must never leave a corrupt
+"latest". Each checkpoint is written to a temporary folder and renamed into place; only then
+does latest.json (itself written to a temp file and renamed) point at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STRATEGY_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")  # Flower's strategies
+
+
+def _dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _write_folder(target: Path, model, tokenizer, server_state: dict | None) -> None:
+    tmp = target.parent / f".tmp-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if server_state is not None:
+        torch.save(server_state, tmp / "server_state.pt")
+    old = target.parent / f".old-{target.name}"
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def save_round(run_dir, rnd: int, model, tokenizer, server_state: dict, keep_last: int) -> Path:
+    """Checkpoint round `rnd`, point latest.json at it, prune older periodic ones."""
+    root = _dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"round-{rnd:04d}"
+    _write_folder(target, model, tokenizer, server_state)
+    _write_json(root / "latest.json", {"round": rnd, "path": target.name})
+    rounds = sorted(p for p in root.glob("round-*") if p.is_dir())
+    for old in rounds[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def save_best(run_dir, rnd: int, model, tokenizer, metric: str, value: float) -> Path:
+    root = _dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_folder(root / "best", model, tokenizer, {"round": rnd, metric: value})
+    _write_json(root / "best.json", {"round": rnd, "metric": metric, "value": value})
+    return root / "best"
+
+
+def latest(run_dir) -> tuple[int, Path] | None:
+    """The newest complete checkpoint, or None."""
+    pointer = _dir(run_dir) / "latest.json"
+    if not pointer.exists():
+        return None
+    info = json.loads(pointer.read_text())
+    return int(info["round"]), _dir(run_dir) / info["path"]
+
+
+def load_weights(model, folder: Path, finetune: str) -> None:
+    """Put the checkpoint's weights into an already built model (same recipe)."""
+    from safetensors.torch import load_file
+
+    if finetune == "lora":
+        from peft import load_peft_weights, set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_peft_weights(str(folder)))
+        return
+    state = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint {folder} does not fit the model: {unexpected[:3]}")
+
+
+def strategy_state(strategy) -> dict:
+    """Server-side optimizer state of a Flower strategy (FedAvgM momentum, FedOpt moments)."""
+    from flwr.app import ArrayRecord
+
+    out = {}
+    for name in STRATEGY_STATE:
+        value = getattr(strategy, name, None)
+        if isinstance(value, ArrayRecord):
+            value = {"__arrayrecord__": {k: a.numpy() for k, a in value.items()}}
+        out[name] = value
+    return out
+
+
+def restore_strategy(strategy, state: dict) -> None:
+    from flwr.app import Array, ArrayRecord
+
+    for name, value in state.items():
+        if not hasattr(strategy, name):
+            continue
+        if isinstance(value, dict) and "__arrayrecord__" in value:
+            value = ArrayRecord({k: Array(np.asarray(a)) for k, a in
+                                 value["__arrayrecord__"].items()})
+        setattr(strategy, name, value)
+
+
+def load_server_state(folder: Path) -> dict:
+    return torch.load(Path(folder) / "server_state.pt", weights_only=False)

@@ -1,0 +1,145 @@
+"""Checkpoints, resume to the same metrics, early stopping, trackers (clients in-process)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtune import checkpoint, config as C
+from fedtune.federation import run_federation
+from test_federation import InProcessGrid, make_cfg, rows_of
+
+KEYS = ("eval_loss", "train_loss", "bytes_up", "bytes_down", "lr")
+
+
+def test_resume_after_a_stop_gives_the_same_metrics(tmp_path, tiny_model_dir, code_jsonl):
+    """FedAvgM keeps server momentum: resume must restore it, not only the weights."""
+    common = ("federation.rounds=4", "strategy.name=fedavgm",
+              "strategy.params.server_momentum=0.9", "output.save_every=1",
+              "train.lr_schedule=cosine", "train.lr_min=1e-4", "output.plots=false")
+    full = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "full", *common)
+    run_federation(InProcessGrid(full), full)
+
+    cut = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common)
+    assert run_federation(InProcessGrid(cut), cut, stop_after_round=2) == {}
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    # a kill in the middle of writing round 3's checkpoint leaves only a temp folder behind
+    ckpts = tmp_path / "cut" / "checkpoints"
+    shutil.copytree(ckpts / "round-0002", ckpts / ".tmp-round-0003")
+    (ckpts / ".tmp-round-0003" / "server_state.pt").write_bytes(b"truncated")
+    assert checkpoint.latest(tmp_path / "cut")[0] == 2
+
+    resumed = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common,
+                       "output.resume=true")
+    summary = run_federation(InProcessGrid(resumed), resumed)
+    a, b = rows_of(tmp_path / "full"), rows_of(tmp_path / "cut")
+    assert [r["round"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a[3:], b[3:]):
+        for k in KEYS:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5), (ra["round"], k)
+    assert summary["resumed_from_round"] == 2
+    assert summary["final"]["eval_loss"] == pytest.approx(a[-1]["eval_loss"], rel=1e-5)
+
+
+def test_resume_without_momentum_state_would_differ(tmp_path, tiny_model_dir, code_jsonl):
+    """The comparison above can fail: dropping the strategy state changes round 3."""
+    common = ("federation.rounds=3", "strategy.name=fedavgm",
+              "strategy.params.server_momentum=0.9", "output.save_every=1",
+              "output.plots=false")
+    full = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "full", *common)
+    run_federation(InProcessGrid(full), full)
+    cut = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common)
+    run_federation(InProcessGrid(cut), cut, stop_after_round=2)
+    state_file = tmp_path / "cut" / "checkpoints" / "round-0002" / "server_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    state["strategy"] = {k: None for k in state["strategy"]}
+    torch.save(state, state_file)
+    resumed = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common,
+                       "output.resume=true")
+    run_federation(InProcessGrid(resumed), resumed)
+    a, b = rows_of(tmp_path / "full"), rows_of(tmp_path / "cut")
+    assert abs(a[3]["eval_loss"] - b[3]["eval_loss"]) > 1e-6
+
+
+def test_resume_refuses_a_changed_recipe_and_a_folder_without_checkpoints(
+        tmp_path, tiny_model_dir, code_jsonl):
+    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "r", "output.save_every=1",
+                   "output.plots=false")
+    run_federation(InProcessGrid(cfg), cfg, stop_after_round=1)
+    changed = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "r", "output.save_every=1",
+                       "output.resume=true", "train.lr=0.5", "output.plots=false")
+    with pytest.raises(C.ConfigError, match="changed `train.lr`"):
+        run_federation(InProcessGrid(changed), changed)
+    empty = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "empty", "output.resume=true")
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        run_federation(InProcessGrid(empty), empty)
+
+
+def test_retention_keeps_the_last_checkpoints_and_the_best(tmp_path, tiny_model_dir,
+                                                             code_jsonl):
+    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "r", "federation.rounds=4",
+                   "output.save_every=1", "output.keep_last=2", "output.keep_best=eval_loss",
+                   "output.plots=false")
+    run_federation(InProcessGrid(cfg), cfg)
+    ck = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in ck.glob("round-*")) == ["round-0003", "round-0004"]
+    best = json.loads((ck / "best.json").read_text())
+    rows = rows_of(tmp_path / "r")
+    assert best["round"] == min(rows, key=lambda r: r["eval_loss"])["round"]
+    assert (ck / "best" / "adapter_model.safetensors").exists()
+
+
+def test_early_stopping_keeps_the_best_model_as_final(tmp_path, tiny_model_dir, code_jsonl):
+    # a huge learning rate makes the eval loss rise from round 1 on
+    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "es", "federation.rounds=6",
+                   "train.lr=3.0", "train.max_grad_norm=0", "train.local_steps=3",
+                   "train.early_stopping={metric='eval_loss', patience=2, min_delta=0.0}",
+                   "output.plots=false", "output.save_final=true")
+    summary = run_federation(InProcessGrid(cfg), cfg)
+    rows = rows_of(tmp_path / "es")
+    assert rows[1]["eval_loss"] > rows[0]["eval_loss"]
+    assert [r["round"] for r in rows] == [0, 1, 2]        # stopped after `patience` rounds
+    assert summary["stopped_early"] and "did not improve" in summary["stop_reason"]
+    assert summary["final_model_round"] == 0
+    final = load_file(tmp_path / "es" / "final" / "adapter_model.safetensors")
+    best = load_file(tmp_path / "es" / "checkpoints" / "best" / "adapter_model.safetensors")
+    assert final.keys() == best.keys()
+    assert all(torch.equal(final[k], best[k]) for k in final)
+    # round 0's LoRA B matrices are zero: the final model is the untrained one
+    assert all(not v.any() for k, v in final.items() if "lora_B" in k)
+
+
+def test_early_stopping_config_is_checked():
+    with pytest.raises(C.ConfigError, match="needs `patience`"):
+        C.load(None, ["train.early_stopping={metric='eval_loss'}"], check_paths=False)
+    with pytest.raises(C.ConfigError, match="unknown key `train.early_stopping.wait`"):
+        C.load(None, ["train.early_stopping={patience=2, wait=1}"], check_paths=False)
+    with pytest.raises(C.ConfigError, match="must start with eval_"):
+        C.load(None, ["train.early_stopping={patience=2, metric='train_loss'}"],
+               check_paths=False)
+
+
+def test_trackers_are_optional_and_checked(monkeypatch):
+    with pytest.raises(C.ConfigError, match="unknown tracker 'comet'"):
+        C.load(None, ["output.trackers=['comet']"], check_paths=False)
+    real = C.importlib.util.find_spec
+    monkeypatch.setattr(C.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(C.ConfigError, match="needs the `mlflow` package"):
+        C.load(None, ["output.trackers=['mlflow']"], check_paths=False)
+
+
+def test_tensorboard_event_files_hold_every_round(tmp_path, tiny_model_dir, code_jsonl):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "tb", "output.tensorboard=true",
+                   "output.plots=false")
+    run_federation(InProcessGrid(cfg), cfg)
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("eval_loss")
+    rows = rows_of(tmp_path / "tb")
+    assert [e.step for e in events] == [0, 1, 2]
+    assert [e.value for e in events] == pytest.approx([r["eval_loss"] for r in rows], rel=1e-6)
