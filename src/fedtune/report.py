@@ -38,7 +38,8 @@ def load_rows(run_dir: str | Path) -> list[dict]:
         except ValueError:
             continue
         if isinstance(row, dict) and _num(row.get("round")) is not None:
-            rows[int(row["round"])] = row  # a resumed run may repeat a round: last wins
+            row["round"] = int(row["round"])
+            rows[row["round"]] = row  # a resumed run may repeat a round: last wins
     return [rows[k] for k in sorted(rows)]
 
 
@@ -84,14 +85,21 @@ def _figure(nrows: int, height: float = 3.0):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 0.6 + height * nrows), dpi=110)
+    h = 0.6 + height * nrows
+    fig = Figure(figsize=(8, h), dpi=110)
     FigureCanvasAgg(fig)
+    # Fixed margins in inches (title, tick labels, axis labels): as tidy as tight_layout on
+    # these plots at a third less time per refresh.
+    axes_h = (h - 0.4 - 0.55 - 0.85 * (nrows - 1)) / nrows
+    fig.subplots_adjust(left=0.9 / 8, right=1 - 0.25 / 8, top=1 - 0.4 / h,
+                        bottom=0.55 / h, hspace=0.85 / axes_h)
     return fig, list(fig.subplots(nrows, 1, squeeze=False)[:, 0])
 
 
 def _line(ax, xs, ys, label, **kw):
     if len(xs):
-        ax.plot(xs, ys, **{"marker": "o", "markersize": 4, "label": label, **kw})
+        kw = {"marker": "o", "markersize": 4, "label": label, **kw}
+        ax.plot(xs, ys, **(kw | {"marker": ""} if len(xs) > 30 else kw))  # long runs: lines
 
 
 def _save(fig, axes, path: Path, xlabel: str = "round", legend: bool = True) -> Path:
@@ -101,22 +109,23 @@ def _save(fig, axes, path: Path, xlabel: str = "round", legend: bool = True) -> 
     used = [ax for ax in axes if ax.has_data()]
     for ax in axes:
         ax.set_xlabel(xlabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax not in used:
+            ax.set(xticks=[], yticks=[])
             ax.text(0.5, 0.5, "no data yet", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
             continue
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         lo, hi = ax.get_ylim()
         ax.set_ylim(lo, hi + 0.22 * (hi - lo))  # headroom: the legend sits above the data
         if legend and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="upper right" if xlabel == "client" else "best")
-    if len(used) > 1:  # panels of one figure share the round axis
+    if used:  # panels of one figure share the round axis, at least one round wide
         left = min(ax.get_xlim()[0] for ax in used)
         right = max(ax.get_xlim()[1] for ax in used)
+        mid, half = (left + right) / 2, max((right - left) / 2, 0.6)
         for ax in used:
-            ax.set_xlim(left, right)
-    fig.tight_layout()
+            ax.set_xlim(mid - half, mid + half)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)
@@ -132,8 +141,10 @@ def _plot_loss(rows, path):
         x, y = best["round"], best["eval_loss"]
         ax.plot([x], [y], marker="*", markersize=16, color="tab:red", linestyle="none",
                 label=f"best eval loss: round {x}")
+        last = x == rows[-1]["round"] and x > rows[0]["round"]  # keep the label inside
         ax.annotate(f"best: round {x}\n{y:.4f}", (x, y), textcoords="offset points",
-                    xytext=(0, 12), ha="center", va="bottom", fontsize=8, color="tab:red",
+                    xytext=(-8 if last else 0, 12), ha="right" if last else "center",
+                    va="bottom", fontsize=8, color="tab:red",
                     bbox={"boxstyle": "round", "fc": "white", "ec": "none", "alpha": 0.8})
         for a in (ax, ax2):
             a.axvline(x, color="tab:red", alpha=0.3, linestyle="--")
@@ -204,7 +215,8 @@ def _plot_partitions(parts, path):
         bottom = [b + y for b, y in zip(bottom, ys)]
     if not groups and clients:
         ax.bar(xs, [_num(c.get("num_examples")) or 0 for c in clients], label="examples")
-    ax.set(title="Training examples per client", ylabel="examples")
+    ax.set(title="Training examples per client" + (" (stacked by label)" if groups else ""),
+           ylabel="examples")
     return _save(fig, [ax], path, xlabel="client", legend=len(groups) <= 12)
 
 
@@ -222,6 +234,8 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     parts = _load_json(run_dir / "partitions.json")
     if parts.get("clients"):
         paths.append(_plot_partitions(parts, out / "partitions.png"))
+    for stale in {"task_metrics.png", "partitions.png"} - {p.name for p in paths}:
+        (out / stale).unlink(missing_ok=True)  # left by an earlier run in this folder
     return paths
 
 
@@ -238,9 +252,7 @@ def _fmt(v, spec: str = ".4f") -> str:
     return str(v) if isinstance(v, int) or not math.isfinite(v) else format(v, spec)
 
 
-def _duration(s: float | None) -> str:
-    if s is None:
-        return "unknown"
+def _duration(s: float) -> str:
     m, sec = divmod(round(s), 60)
     return f"{s:.1f} s" + (f" ({m // 60} h {m % 60} min)" if m >= 60 else
                           f" ({m} min {sec} s)" if m else "")
@@ -338,15 +350,15 @@ def _environment(manifest: dict) -> list[tuple[str, str]]:
             elif k != "command":
                 flat.append((k, _fmt(v)))
         return flat
-    from importlib import metadata
+    from importlib.metadata import PackageNotFoundError, version
 
     env = [("source", "this machine at report time (no manifest in summary.json)"),
            ("python", sys.version.split()[0]), ("platform", platform.platform()),
            ("cpu_count", str(os.cpu_count()))]
     for pkg in ("torch", "transformers", "peft", "flwr"):
         try:
-            env.append((pkg, metadata.version(pkg)))
-        except metadata.PackageNotFoundError:
+            env.append((pkg, version(pkg)))
+        except PackageNotFoundError:
             env.append((pkg, "not installed"))
     try:
         import torch
@@ -381,7 +393,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         ("best round", "none" if best is None else str(best["round"])),
         ("best eval loss", _fmt(best and best["eval_loss"])),
         ("final eval loss", _fmt(rows[-1].get("eval_loss") if rows else None)),
-        ("MiB down / up / total", f"{down / MIB:.2f} / {up / MIB:.2f} / {(down + up) / MIB:.2f}"),
+        ("MiB down / up / total",
+         f"{down / MIB:.2f} / {up / MIB:.2f} / {(down + up) / MIB:.2f}"),
         ("samples/s (mean over rounds)", _fmt(_mean(rows, "samples_per_s"), ".2f")),
         ("tokens/s (mean over rounds)", _fmt(_mean(rows, "tokens_per_s"), ".1f")),
         ("train samples / tokens", f"{_total(rows, 'train_samples'):.0f} / "
@@ -455,14 +468,17 @@ def write_comparison(run_dirs: list, out_dir: str | Path) -> tuple[Path, Path]:
     head = ["run", "model", "strategy", "rounds", "best round", "best eval loss",
             "final eval loss", "wall s", "total MiB"]
     blocks = [("h", f"fedtune comparison: {len(run_dirs)} runs", 1),
-              ("p", "Runs: " + ", ".join(str(d.resolve()) for d in run_dirs)),
-              ("table", head, table), ("h", "Plots"), *[("img", p) for p in plots]]
+              ("p", "Run folders: " + ", ".join(str(d.resolve()) for d in run_dirs)),
+              ("h", "Runs"), ("table", head, table), ("h", "Plots"), *[("img", p) for p in plots]]
     return _write_docs(out_dir, blocks, "fedtune comparison")
 
 
 def report_main(paths: list[str]) -> int:
-    """`fedtune report RUN_DIR [RUN_DIR ...]`: one folder → its report, several → a comparison."""
+    """`fedtune report RUN_DIR [RUN_DIR ...]`: one folder → report, several → comparison."""
     dirs = [Path(p) for p in paths]
+    if not dirs:
+        print("fedtune report: give at least one run folder", file=sys.stderr)
+        return 2
     for d in dirs:
         if not (d / "metrics.jsonl").is_file():
             print(f"fedtune report: {d} is not a fedtune run folder (no metrics.jsonl)",
