@@ -56,6 +56,21 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    args.set = [*args.set, f"federation.num_clients={args.clients}"]
+    cfg = _load(args)
+    from fedtune.deploy import deploy_local
+
+    summary = deploy_local(cfg, tls=args.tls or args.auth, auth=args.auth,
+                           timeout=args.timeout, echo=lambda s: print(f"[fedtune] {s}",
+                                                                      flush=True))
+    print(json.dumps({"rounds_completed": summary["rounds_completed"],
+                      "initial_eval_loss": summary["initial"]["eval_loss"],
+                      "final_eval_loss": summary["final"]["eval_loss"],
+                      "run_dir": cfg.output.dir}, indent=2))
+    return 0
+
+
 def cmd_report(args) -> int:
     from fedtune.report import report_main
 
@@ -85,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--resume", metavar="RUN_DIR",
                            help="continue a stopped or killed run from its latest checkpoint")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("deploy", help="run a recipe on Flower's Deployment Engine")
+    p.add_argument("where", choices=["local"], help="local: SuperLink + SuperNodes as "
+                   "processes on 127.0.0.1 (see deploy/ for containers and other hosts)")
+    p.add_argument("recipe")
+    p.add_argument("--clients", type=int, required=True, help="number of SuperNodes")
+    p.add_argument("--tls", action="store_true", help="TLS with a generated local CA")
+    p.add_argument("--auth", action="store_true", help="SuperNode authentication (implies TLS)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds before giving up")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_deploy)
     p = sub.add_parser("report", help="(re)write report.md/.html and plots of one run, or "
                        "overlay several runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -99,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fedtune: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
         # DataError and ModelError are ValueErrors with messages written for users
         print(f"fedtune: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

@@ -79,12 +79,18 @@ def _round_row(rnd, lr, messages, replies, bytes_down, t_train) -> dict:
         "clients_sampled": len(messages), "clients_ok": len(ok),
         "clients_failed": len(messages) - len(ok),
         "train_samples": samples, "train_tokens": tokens,
-        # throughput of local training: all clients' samples over the slowest client
-        "samples_per_s": samples / slowest if slowest else 0.0,
-        "tokens_per_s": tokens / slowest if slowest else 0.0,
+        # throughput of the training phase as the server's clock sees it (clients in
+        # parallel or one after another, setup and transfer included)
+        "samples_per_s": samples / t_train if t_train else 0.0,
+        "tokens_per_s": tokens / t_train if t_train else 0.0,
         "client_train_seconds_max": slowest,
         "client_train_seconds_sum": sum(m["train_seconds"] for m in cm),
         "client_setup_seconds_max": max((m["setup_seconds"] for m in cm), default=0.0),
+        "client_model_load_seconds_max": max((m["model_load_seconds"] for m in cm),
+                                             default=0.0),
+        "client_data_seconds_max": max((m["data_seconds"] for m in cm), default=0.0),
+        "client_process_age_seconds_max": max((m["process_age_seconds"] for m in cm),
+                                              default=0.0),
         "client_model_loads": sum(int(m["model_loaded"]) for m in cm),
         "bytes_down": bytes_down,
         "bytes_up": sum(payload_bytes(r) for r in ok),

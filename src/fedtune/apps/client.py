@@ -8,14 +8,19 @@ there the cache simply misses.)
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import data, model as M
+from fedtune.assets import cache_dir
 from fedtune.apps import config_from_run_config
 from fedtune.results import peak_rss_mb
 from fedtune.train import train_local
@@ -37,12 +42,45 @@ def _model_and_tokenizer(cfg):
     return (*_MODELS[key], loaded_now)
 
 
-def _client_blocks(cfg, pid: int, tokenizer) -> torch.Tensor:
-    key = (repr(cfg.data), cfg.model.name, cfg.train.seed, cfg.federation.num_clients, pid)
+def _client_blocks(cfg, pid: int, tokenizer, data_path: str = "") -> torch.Tensor:
+    """This client's packed blocks: its partition of the shared source, or all of its own
+    `data-path` (a SuperNode's local data). Cached in memory and on disk, because Flower's
+    deployment runtime starts a fresh process for every message."""
+    src = Path(cfg.data.source).expanduser()
+    stamp = (src.stat().st_mtime_ns, src.stat().st_size) if src.exists() else None
+    key = (repr(cfg.data), stamp, cfg.model.name, cfg.train.seed, cfg.federation.num_clients,
+           pid, data_path)
     if key not in _BLOCKS:
-        part, _ = data.client_and_test(cfg.data, cfg.federation.num_clients, cfg.train.seed, pid)
-        _BLOCKS[key] = data.pack_blocks(part, tokenizer, cfg.data.text_column, cfg.data.seq_len)
+        disk = cache_dir() / "blocks" / (hashlib.sha256(repr(key).encode()).hexdigest()[:24]
+                                         + ".pt")
+        if disk.exists() and not data_path:  # a local folder may change; a partition won't
+            _BLOCKS[key] = torch.load(disk)
+        else:
+            if data_path:
+                part = data.load_source(dataclasses.replace(cfg.data, source=data_path))
+                if len(part) == 0:
+                    raise data.DataError(f"data-path {data_path} holds no samples")
+            else:
+                part, _ = data.client_and_test(cfg.data, cfg.federation.num_clients,
+                                               cfg.train.seed, pid)
+            blocks = data.pack_blocks(part, tokenizer, cfg.data.text_column, cfg.data.seq_len)
+            if not data_path:
+                disk.parent.mkdir(parents=True, exist_ok=True)
+                tmp = disk.with_suffix(f".tmp{os.getpid()}")
+                torch.save(blocks, tmp)
+                os.replace(tmp, disk)
+            _BLOCKS[key] = blocks
     return _BLOCKS[key]
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started (Linux /proc; 0 elsewhere)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 @app.train()
@@ -55,10 +93,12 @@ def train(msg: Message, context: Context) -> Message:
                          f"federation.num_clients={cfg.federation.num_clients}")
     if cfg.federation.client_threads:
         torch.set_num_threads(cfg.federation.client_threads)
+    process_age = process_age_seconds()  # in deployment: spawn + imports of this process
     t0 = time.perf_counter()
     model, tokenizer, loaded_now = _model_and_tokenizer(cfg)
-    blocks = _client_blocks(cfg, pid, tokenizer)
-    setup_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    blocks = _client_blocks(cfg, pid, tokenizer, str(context.node_config.get("data-path", "")))
+    t2 = time.perf_counter()
 
     M.load_trainable_state(model, M.from_arrays(msg.content["arrays"]))
     conf = msg.content["config"]
@@ -77,7 +117,10 @@ def train(msg: Message, context: Context) -> Message:
         "train_samples": result.samples,
         "train_tokens": result.tokens,
         "train_seconds": result.seconds,
-        "setup_seconds": setup_s,
+        "setup_seconds": t2 - t0,
+        "model_load_seconds": t1 - t0,
+        "data_seconds": t2 - t1,
+        "process_age_seconds": process_age,
         "model_loaded": int(loaded_now),  # 0 when the process kept the model from an earlier round
         "peak_rss_mb": peak_rss_mb(),
         "partition_id": pid,

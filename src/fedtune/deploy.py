@@ -1,0 +1,312 @@
+"""`fedtune deploy local`: a real Flower Deployment Engine on this machine.
+
+Starts one `flower-superlink` and N `flower-supernode` processes on 127.0.0.1 (optionally
+with TLS and SuperNode authentication), submits the experiment with `flwr run`, follows it
+through the run folder, judges the outcome by the run's final status (`flwr run` exits 0
+even when the ServerApp crashed) and tears every process down, also on Ctrl-C or failure.
+The same processes are what a multi-machine deployment runs (see deploy/README.md); this is
+both a way to try deployment and the harness of the deployment tests.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from fedtune import config as C
+
+BIN = Path(sys.executable).parent
+APP_PYPROJECT = """[project]
+name = "fedtune-deploy"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "fedtune"
+
+[tool.flwr.app.components]
+serverapp = "fedtune.apps.server:app"
+clientapp = "fedtune.apps.client:app"
+
+[tool.flwr.app.config]
+config-json = ""
+"""
+
+
+class DeployError(RuntimeError):
+    """A deployment process failed or the run did not complete."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_tls(folder: Path, num_nodes: int) -> dict[str, Path]:
+    """A CA, a SuperLink certificate for 127.0.0.1/localhost, and one SSH-format P-384 key
+    pair per SuperNode (Flower's node authentication format)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, key, sign_key, ca: bool, san=None):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=30))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(sign_key, hashes.SHA256())
+
+    def pem_key(key):
+        return key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.TraditionalOpenSSL,
+                                 serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtune local CA")])
+    ca_cert = cert(ca_name, ca_name, ca_key, ca_key, ca=True)
+    srv_key = ec.generate_private_key(ec.SECP384R1())
+    srv_cert = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "superlink")]),
+                    ca_name, srv_key, ca_key, ca=False,
+                    san=[x509.DNSName("localhost"),
+                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    files = {"ca": folder / "ca.crt", "cert": folder / "server.pem",
+             "key": folder / "server.key"}
+    files["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files["cert"].write_bytes(srv_cert.public_bytes(serialization.Encoding.PEM))
+    files["key"].write_bytes(pem_key(srv_key))
+    for i in range(num_nodes):
+        k = ec.generate_private_key(ec.SECP384R1())
+        files[f"node{i}"] = folder / f"supernode-{i}"
+        files[f"node{i}"].write_bytes(k.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption()))
+        files[f"node{i}.pub"] = folder / f"supernode-{i}.pub"
+        files[f"node{i}.pub"].write_bytes(k.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return files
+
+
+class LocalDeployment:
+    """SuperLink + N SuperNodes as real processes; use as a context manager."""
+
+    def __init__(self, work: Path, num_nodes: int, tls: bool = False, auth: bool = False,
+                 node_configs: list[str] | None = None):
+        self.work, self.n, self.tls, self.auth = Path(work), num_nodes, tls or auth, auth
+        self.node_configs = node_configs or [""] * num_nodes
+        self.port = free_port()
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.home = self.work / "flwr-home"
+        self.files: dict[str, Path] = {}
+        self.env = os.environ | {
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # superexec by name
+            "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    # -- processes -------------------------------------------------------------------
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = (self.work / f"{name}.log").open("w")
+        proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # own group: stop takes children
+        self.procs.append((name, proc))
+        return proc
+
+    def log_of(self, name: str) -> str:
+        path = self.work / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def __enter__(self):
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(exist_ok=True)
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self) -> None:
+        conn = f'[superlink]\ndefault = "local"\n\n[superlink.local]\n' \
+               f'address = "127.0.0.1:{self.port}"\n'
+        link = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port",
+                str(self.port), "--disable-runtime-dependency-installation"]
+        if self.tls:
+            self.files = make_tls(self.work / "certs", self.n)
+            link += ["--ssl-ca-certfile", str(self.files["ca"]), "--ssl-certfile",
+                     str(self.files["cert"]), "--ssl-keyfile", str(self.files["key"])]
+            conn += f'root-certificates = "{self.files["ca"]}"\n'
+        else:
+            link += ["--insecure"]
+            conn += "insecure = true\n"
+        if self.auth:
+            link += ["--enable-supernode-auth"]
+        (self.home / "config.toml").write_text(conn)
+        proc = self._start("superlink", link)
+        self._wait_healthy(proc)
+        for i in range(self.n):
+            if self.auth:
+                self.register(self.files[f"node{i}.pub"])
+            self.start_supernode(i)
+
+    def start_supernode(self, i: int, key: Path | None = None, root_cert: Path | None = None,
+                        name: str | None = None) -> subprocess.Popen:
+        node_config = f"partition-id={i} num-partitions={self.n} {self.node_configs[i]}"
+        args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(free_port()), "--node-config", node_config.strip(),
+                "--max-retries", "3", "--max-wait-time", "20"]
+        if self.tls:
+            args += ["--root-certificates", str(root_cert or self.files["ca"])]
+        else:
+            args += ["--insecure"]
+        if key is not None or self.auth:
+            args += ["--auth-supernode-private-key", str(key or self.files[f"node{i}"])]
+        return self._start(name or f"supernode-{i}", args)
+
+    def register(self, public_key: Path) -> None:
+        self.flwr(["supernode", "register", str(public_key), "local"], check=True)
+
+    def _wait_healthy(self, proc, timeout=60) -> None:
+        scheme = "https" if self.tls else "http"
+        ctx = ssl.create_default_context(cafile=str(self.files["ca"])) if self.tls else None
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise DeployError(f"flower-superlink exited:\n{self.log_of('superlink')[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{self.port}/health",
+                                            timeout=2, context=ctx) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise DeployError("the SuperLink did not become healthy in time")
+
+    def check_nodes(self) -> None:
+        """A SuperNode that exited (refused certificate, unregistered key, crash) is an error
+        now, not a run that waits forever for its missing client."""
+        for name, proc in self.procs:
+            if name.startswith("supernode") and proc.poll() is not None:
+                lines = [ln for ln in self.log_of(name).splitlines()
+                         if "ERROR" in ln or "SSL" in ln or "could not" in ln]
+                link = [ln for ln in self.log_of("superlink").splitlines()
+                        if "ERROR" in ln and ("public key" in ln or "SSL" in ln)]
+                raise DeployError(f"{name} exited with code {proc.returncode}: "
+                                  + " | ".join(lines[-3:] + [ln[-160:] for ln in link[-1:]]))
+
+    def stop(self) -> None:
+        """SuperNodes first, then the SuperLink: SIGTERM to each group, SIGKILL if needed."""
+        for name, proc in sorted(self.procs, key=lambda p: p[0] == "superlink"):
+            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self.procs.clear()
+
+    # -- runs ------------------------------------------------------------------------
+    def flwr(self, args: list[str], check: bool = False, timeout: float = 120):
+        proc = subprocess.run([str(BIN / "flwr"), *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout, cwd=self.work)
+        if check and proc.returncode != 0:
+            raise DeployError(f"flwr {' '.join(args[:2])} failed: {proc.stdout}{proc.stderr}")
+        return proc
+
+    def submit(self, cfg: C.Config) -> int:
+        """`flwr run` the fedtune app with the resolved config; returns the run id."""
+        app = self.work / "app"
+        app.mkdir(exist_ok=True)
+        (app / "pyproject.toml").write_text(APP_PYPROJECT)
+        text = cfg.to_json()
+        if "'" in text:
+            raise DeployError("the resolved config contains a single quote, which cannot "
+                              "travel inside Flower's --run-config; rename the path")
+        proc = self.flwr(["run", str(app), "local", "--format", "json", "--run-config",
+                          f"config-json='{text}'"], check=True)
+        reply = json.loads(proc.stdout)
+        if not reply.get("success"):
+            raise DeployError(f"flwr run was refused: {reply}")
+        return int(reply["run-id"])
+
+    def status(self, run_id: int) -> dict:
+        proc = self.flwr(["ls", "local", "--run-id", str(run_id), "--format", "json"])
+        try:
+            return json.loads(proc.stdout)["runs"][0]
+        except (ValueError, KeyError, IndexError):
+            return {"status": "unknown", "status-details": proc.stdout + proc.stderr}
+
+    def wait(self, run_id: int, run_dir: Path, timeout: float, echo=print) -> dict:
+        """Poll until the run finishes, echoing each new metrics line as progress."""
+        deadline, seen, info = time.time() + timeout, 0, {}
+        while time.time() < deadline:
+            self.check_nodes()
+            info = self.status(run_id)
+            rows = _rows(run_dir)
+            for row in rows[seen:]:
+                echo(f"round {row['round']}: eval_loss {row.get('eval_loss', float('nan')):.4f}"
+                     + (f" train_loss {row['train_loss']:.4f}" if row.get("train_loss")
+                        else ""))
+            seen = len(rows)
+            if str(info.get("status", "")).startswith("finished"):
+                return info
+            time.sleep(2)
+        raise DeployError(f"run {run_id} did not finish within {timeout:.0f} s "
+                          f"(last status {info.get('status')})")
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
+
+
+def deploy_local(cfg: C.Config, tls: bool = False, auth: bool = False,
+                 timeout: float = 3600, echo=print) -> dict:
+    """Run `cfg` on a local SuperLink + `federation.num_clients` SuperNodes; return summary."""
+    from fedtune.simulation import prepare
+
+    prepare(cfg)  # convert offline weights once, check data, before any process starts
+    run_dir = Path(cfg.output.dir)
+    work = run_dir / "deployment"
+    with LocalDeployment(work, cfg.federation.num_clients, tls=tls, auth=auth) as dep:
+        echo(f"SuperLink on 127.0.0.1:{dep.port} ({'TLS' if dep.tls else 'insecure'}"
+             f"{', SuperNode auth' if auth else ''}), {dep.n} SuperNodes; logs in {work}")
+        run_id = dep.submit(cfg)
+        echo(f"submitted run {run_id}")
+        info = dep.wait(run_id, run_dir, timeout, echo)
+    if info.get("status") != "finished:completed":
+        raise DeployError(f"run {run_id} ended as {info.get('status')}: "
+                          f"{info.get('status-details')}; see {work}/superlink.log")
+    return json.loads((run_dir / "summary.json").read_text())

@@ -1,0 +1,82 @@
+"""Flower's Deployment Engine for real: a SuperLink and SuperNodes as processes on loopback."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedtune.deploy import DeployError, LocalDeployment, make_tls
+from test_simulation_e2e import ROOT, read_rows, run_cli, tiny_overrides
+
+FLOWER = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-clientapp",
+          "flwr-serverapp")
+
+
+def flower_processes(marker: str) -> list:
+    """Flower processes whose command line mentions `marker` (this test's tmp folder)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if any(name in cmd for name in FLOWER) and marker in cmd:
+            found.append(cmd)
+    return found
+
+
+def wait_for_refusal(dep):
+    with pytest.raises(DeployError) as err:
+        for _ in range(90):
+            dep.check_nodes()
+            time.sleep(1)
+    return str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
+def test_deployment_gives_the_simulation_metrics(tmp_path, tiny_model_dir, code_jsonl, tls):
+    sim, dep = tmp_path / "sim", tmp_path / "dep"
+    run_cli(tiny_overrides(tiny_model_dir, code_jsonl, sim, "output.plots=false"))
+    args = [sys.executable, "-m", "fedtune.cli", "deploy", "local",
+            str(ROOT / "recipes/demo.toml"), "--clients", "2"] + (["--tls"] if tls else [])
+    for o in tiny_overrides(tiny_model_dir, code_jsonl, dep, "output.plots=false"):
+        args += ["--set", o]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "round 2: eval_loss" in proc.stdout            # progress while it runs
+    a, b = read_rows(sim), read_rows(dep)
+    assert [r["round"] for r in b] == [0, 1, 2]
+    for ra, rb in zip(a, b):
+        assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], rel=1e-5), ra["round"]
+        if ra["round"]:
+            assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
+            assert rb["bytes_up"] == ra["bytes_up"] and rb["clients_ok"] == 2
+    # every message started a fresh ClientApp process, yet the tokenized partition came
+    # from the on-disk cache written by the simulation run
+    assert all(r["client_model_loads"] == 2 for r in b[1:])
+    assert (dep / "summary.json").exists() and (dep / "final" / "adapter_config.json").exists()
+    assert not flower_processes(str(dep)), "processes left running after the deployment"
+
+
+@pytest.mark.slow
+def test_unregistered_key_and_wrong_certificate_are_refused(tmp_path):
+    class OneUnregistered(LocalDeployment):
+        def register(self, public_key):
+            if "supernode-1" not in str(public_key):  # node 1 never gets registered
+                super().register(public_key)
+
+    with OneUnregistered(tmp_path / "auth", 2, auth=True) as dep:
+        message = wait_for_refusal(dep)
+    assert "supernode-1 exited" in message
+    assert "No SuperNode found with the given public key" in message
+
+    with LocalDeployment(tmp_path / "tls", 1, tls=True) as dep:
+        other_ca = make_tls(tmp_path / "other-ca", 0)["ca"]
+        dep.start_supernode(0, root_cert=other_ca, name="supernode-wrong-ca")
+        message = wait_for_refusal(dep)
+    assert "supernode-wrong-ca exited" in message
+    assert "CERTIFICATE_VERIFY_FAILED" in message
+    assert not flower_processes(str(tmp_path))
