@@ -103,6 +103,11 @@ server_ok() {
 }
 if ! server_ok; then
   echo "certs.sh: issuing server certificate for: ${names[*]}"
+  if [[ -e server.key && ! -r server.key ]]; then
+    echo "certs.sh: cannot read server.key (chowned to 49999 for the containers?); re-run" \
+      "with sudo, or give it back: sudo chown \"\$(id -u)\" $out/server.key" >&2
+    exit 1
+  fi
   [[ -s server.key ]] || openssl ecparam -name prime256v1 -genkey -noout -out server.key
   openssl req -new -key server.key -subj "/O=fedtune/CN=superlink" -out server.csr
   printf '%s\n' \
@@ -131,7 +136,9 @@ done
 
 # certificates and public keys are not secret
 chmod 644 ca.crt server.crt server.san
-for f in supernode-*.pub; do [[ -e "$f" ]] && chmod 644 "$f"; done
+for f in supernode-*.pub; do
+  if [[ -e "$f" ]]; then chmod 644 "$f"; fi
+done
 
 echo "certs.sh: done -> $out"
 echo "  register each SuperNode once the SuperLink runs:  flwr supernode register $out/supernode-1.pub CONNECTION"

@@ -39,10 +39,11 @@ def wait_for_refusal(dep):
 @pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
 def test_deployment_gives_the_simulation_metrics(tmp_path, tiny_model_dir, code_jsonl, tls):
     sim, dep = tmp_path / "sim", tmp_path / "dep"
-    run_cli(tiny_overrides(tiny_model_dir, code_jsonl, sim, "output.plots=false"))
+    same = ("output.plots=false", "federation.client_threads=1")  # no thread adjustment
+    run_cli(tiny_overrides(tiny_model_dir, code_jsonl, sim, *same))
     args = [sys.executable, "-m", "fedtune.cli", "deploy", "local",
             str(ROOT / "recipes/demo.toml"), "--clients", "2"] + (["--tls"] if tls else [])
-    for o in tiny_overrides(tiny_model_dir, code_jsonl, dep, "output.plots=false"):
+    for o in tiny_overrides(tiny_model_dir, code_jsonl, dep, *same):
         args += ["--set", o]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
 
@@ -96,3 +98,29 @@ def test_a_failing_client_is_reported_and_the_others_aggregate(tmp_path, tiny_mo
     assert rows[2]["eval_loss"] != rows[0]["eval_loss"]  # the surviving client's update landed
     assert summary["client_failures"] == 2
     assert "client node 2 failed: client crashed" in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_a_supernode_can_bring_its_own_data(tmp_path, tiny_model_dir, code_jsonl):
+    """node config `data-path=...` replaces the partition of the shared source."""
+    import sysconfig
+    from pathlib import Path
+
+    from fedtune import data, model as M
+
+    own = tmp_path / "own"
+    own.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("csv.py", "calendar.py"):
+        (own / name).write_text((stdlib / name).read_text())
+    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "run")
+    tok = M.load_tokenizer(cfg.model.name)
+    mine = client._client_blocks(cfg, 1, tok, str(own))
+    shared = client._client_blocks(cfg, 1, tok)
+    rows = data.load_source(C.load(None, [f"data.source={own}"]).data)
+    expected = data.pack_blocks(rows, tok, "text", cfg.data.seq_len)
+    assert torch.equal(mine, expected) and mine.shape != shared.shape
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="no files match"):
+        client._client_blocks(cfg, 1, tok, str(tmp_path / "empty"))
+    with pytest.raises(data.DataError, match="does not exist"):
+        client._client_blocks(cfg, 1, tok, str(tmp_path / "missing.jsonl"))

@@ -36,9 +36,12 @@ def load_source(cfg: DataConfig) -> Dataset:
                      "source": str(f.relative_to(path))} for f in files]
             ds = Dataset.from_list(rows)
         else:
-            kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
-                    ".txt": "text"}[path.suffix]
-            ds = load_dataset(kind, data_files=str(path), split="train")
+            kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+                     ".txt": "text"}
+            if not path.exists() or path.suffix not in kinds:
+                raise DataError(f"data source {src!r} does not exist or is not one of "
+                                f"{', '.join(kinds)} or a folder")
+            ds = load_dataset(kinds[path.suffix], data_files=str(path), split="train")
     else:
         ds = load_dataset(src, cfg.subset or None, split=cfg.split)
     if cfg.text_column not in ds.column_names:

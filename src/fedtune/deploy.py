@@ -298,6 +298,14 @@ def deploy_local(cfg: C.Config, tls: bool = False, auth: bool = False,
     from fedtune.simulation import prepare
 
     prepare(cfg)  # convert offline weights once, check data, before any process starts
+    cores, fed = os.cpu_count() or 1, cfg.federation
+    if fed.num_clients * max(fed.client_threads, 1) > cores:
+        # every SuperNode of a local deployment trains at once on this one machine;
+        # oversubscribed torch threads slow training down many times over
+        threads = max(1, cores // fed.num_clients)
+        echo(f"{fed.num_clients} local SuperNodes x {fed.client_threads} threads > {cores} "
+             f"cores: using federation.client_threads={threads}")
+        fed.client_threads = threads
     run_dir = Path(cfg.output.dir)
     work = run_dir / "deployment"
     with LocalDeployment(work, cfg.federation.num_clients, tls=tls, auth=auth) as dep:
