@@ -2,8 +2,6 @@
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.deploy import free_port, stop_group
 from test_simulation_e2e import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(port: int, proc, log_path: Path, timeout=60):
@@ -35,20 +28,6 @@ def wait_healthy(port: int, proc, log_path: Path, timeout=60):
         except OSError:
             time.sleep(0.5)
     raise TimeoutError("SuperLink did not become healthy")
-
-
-def stop_group(proc) -> None:
-    """SIGTERM the process group (SuperLink and the simulation it spawned), then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.mark.slow

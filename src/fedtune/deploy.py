@@ -24,24 +24,9 @@ import urllib.request
 from pathlib import Path
 
 from fedtune import config as C
+from fedtune.apps import write_app_folder
 
 BIN = Path(sys.executable).parent
-APP_PYPROJECT = """[project]
-name = "fedtune-deploy"
-version = "1.0.0"
-
-[tool.flwr.app]
-publisher = "fedtune"
-
-[tool.flwr.app.components]
-serverapp = "fedtune.apps.server:app"
-clientapp = "fedtune.apps.client:app"
-
-[tool.flwr.app.config]
-config-json = ""
-"""
-
-
 class DeployError(RuntimeError):
     """A deployment process failed or the run did not complete."""
 
@@ -50,6 +35,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a process group (a Flower process and what it spawned), SIGKILL if needed."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def make_tls(folder: Path, num_nodes: int) -> dict[str, Path]:
@@ -215,18 +214,9 @@ class LocalDeployment:
                                   + " | ".join(lines[-3:] + [ln[-160:] for ln in link[-1:]]))
 
     def stop(self) -> None:
-        """SuperNodes first, then the SuperLink: SIGTERM to each group, SIGKILL if needed."""
-        for name, proc in sorted(self.procs, key=lambda p: p[0] == "superlink"):
-            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        """SuperNodes first, then the SuperLink."""
+        for _, proc in sorted(self.procs, key=lambda p: p[0] == "superlink"):
+            stop_group(proc)
         self.procs.clear()
 
     # -- runs ------------------------------------------------------------------------
@@ -239,9 +229,7 @@ class LocalDeployment:
 
     def submit(self, cfg: C.Config) -> int:
         """`flwr run` the fedtune app with the resolved config; returns the run id."""
-        app = self.work / "app"
-        app.mkdir(exist_ok=True)
-        (app / "pyproject.toml").write_text(APP_PYPROJECT)
+        app = write_app_folder(self.work / "app")
         text = cfg.to_json()
         if "'" in text:
             raise DeployError("the resolved config contains a single quote, which cannot "

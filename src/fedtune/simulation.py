@@ -25,22 +25,6 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS": "0",
 }
 
-APP_PYPROJECT = """[project]
-name = "fedtune-run"
-version = "1.0.0"
-
-[tool.flwr.app]
-publisher = "fedtune"
-
-[tool.flwr.app.components]
-serverapp = "fedtune.apps.server:app"
-clientapp = "fedtune.apps.client:app"
-
-[tool.flwr.app.config]
-config-json = ""
-"""
-
-
 def prepare(cfg: C.Config) -> None:
     """Work done once before any process starts: convert offline weights, resolve paths."""
     from fedtune import data
@@ -64,7 +48,7 @@ def run_simulation(cfg: C.Config) -> dict:
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    from fedtune.apps import client, server
+    from fedtune.apps import client, server, write_app_folder
 
     prepare(cfg)
     run_config = {"config-json": cfg.to_json()}
@@ -84,7 +68,7 @@ def run_simulation(cfg: C.Config) -> dict:
     }
     app_dir = Path(tempfile.mkdtemp(prefix="fedtune-app-"))
     try:
-        (app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
+        write_app_folder(app_dir)
         _run_simulation(
             num_supernodes=cfg.federation.num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,

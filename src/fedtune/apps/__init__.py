@@ -12,6 +12,30 @@ from pathlib import Path
 from fedtune import config as C
 
 
+APP_PYPROJECT = """[project]
+name = "fedtune-run"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "fedtune"
+
+[tool.flwr.app.components]
+serverapp = "fedtune.apps.server:app"
+clientapp = "fedtune.apps.client:app"
+
+[tool.flwr.app.config]
+config-json = ""
+"""
+
+
+def write_app_folder(folder: Path) -> Path:
+    """A minimal Flower app folder whose apps are the installed fedtune's; its one run-config
+    key, `config-json`, carries the resolved experiment (no project checkout needed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT)
+    return folder
+
+
 def find_recipe(path: str) -> Path:
     """A relative recipe path is looked up in the working directory, then in the Flower app
     folder (which Flower puts on sys.path while it loads the app)."""
