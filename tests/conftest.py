@@ -65,3 +65,41 @@ def code_jsonl(tmp_path_factory) -> Path:
         for i, name in enumerate(names):
             f.write(json.dumps({"text": (stdlib / name).read_text(), "id": i}) + "\n")
     return out
+
+
+FLOWER_AND_RAY = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-clientapp",
+                  "flwr-serverapp", "flwr-simulation", "ray::", "raylet", "gcs_server",
+                  "ray/dashboard", "ray/_private")
+
+
+def _flower_and_ray_pids() -> dict[int, str]:
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(name in cmd for name in FLOWER_AND_RAY):
+            found[int(proc.name)] = cmd
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running():
+    """Safety net: whatever Flower or Ray process a test started and a failure left behind
+    is killed when the session ends (the tests themselves tear down what they start)."""
+    import signal
+    import time
+
+    before = set(_flower_and_ray_pids())
+    yield
+    time.sleep(1)
+    left = {p: c for p, c in _flower_and_ray_pids().items() if p not in before}
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if left:
+        print(f"\nkilled {len(left)} Flower/Ray processes left behind: "
+              + "; ".join(c[:80] for c in left.values()))
