@@ -41,6 +41,8 @@ class ModelConfig:
     finetune: str = _f("lora", "`lora` (only adapter tensors train and travel) or `full`")
     dtype: str = _f("float32", "weight dtype: float32 | bfloat16 | float16")
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
+    quantization: str = _f("", "\"\" (none), \"4bit\" (QLoRA, NF4) or \"8bit\" base weights; "
+                           "needs bitsandbytes and a CUDA GPU")
 
 
 @dataclass
@@ -63,14 +65,38 @@ class DataConfig:
     file_glob: str = _f("**/*.py", "which files to read when `source` is a folder")
     max_samples: int = _f(0, "use only the first N samples after shuffling (0 = all)")
     test_samples: int = _f(64, "samples held out for the server's test split (never on clients)")
-    partitioner: str = _f("iid", "`iid` (all remaining samples) or `fixed-size`")
+    partitioner: str = _f("iid", "iid | fixed-size | dirichlet (over `partition_by`) | "
+                          "shards (k label shards per client) | natural (one group per client)")
     samples_per_client: int = _f(0, "samples per client for `fixed-size` (seed runs: 1000)")
+    partition_by: str = _f("", "column the non-IID partitioners and the partition histogram "
+                           "use (\"\" = the task's label column, if any)")
+    dirichlet_alpha: float = _f(0.5, "Dirichlet concentration: small = skewed clients")
+    shards_per_client: int = _f(2, "`shards`: label-sorted shards per client (k labels)")
+    min_partition_size: int = _f(1, "`dirichlet`: resample until every client has this many")
     seq_len: int = _f(128, "tokens per packed training block")
 
 
 @dataclass
 class TaskConfig:
-    type: str = _f("causal-lm", "`causal-lm`: pack text into blocks, loss on every token")
+    type: str = _f("causal-lm", "causal-lm (packed text, loss on every token) | instruction "
+                   "(prompt + response, loss on the response) | prompt-classification "
+                   "(prompt + verbal label, loss on the label) | sequence-classification "
+                   "(encoder + classifier head)")
+    template: str = _f("alpaca", "instruction: `alpaca` (the Alpaca prompt) or `chat` (the "
+                       "tokenizer's chat template)")
+    instruction_column: str = _f("instruction", "instruction: the instruction column")
+    input_column: str = _f("input", "instruction: the optional input column (\"\" = none)")
+    output_column: str = _f("output", "instruction: the response column")
+    messages_column: str = _f("", "instruction: a column of chat turns ({role, content} or "
+                              "ShareGPT {from, value}); set it for chat records")
+    prompt: str = _f("", "prompt-classification: the prompt, with {column} fields, e.g. "
+                     "\"Sentence: {sentence}\\nSentiment:\"")
+    label_prefix: str = _f(" ", "prompt-classification: text between prompt and label")
+    text_columns: list = _f(["sentence"], "sequence-classification: one column, or two for "
+                            "sentence pairs ([\"sentence1\", \"sentence2\"])")
+    label_column: str = _f("label", "classification: label column (an index, or a label name)")
+    label_names: list = _f([], "classification: label names in index order; in prompt "
+                           "classification also the words the model must say")
 
 
 @dataclass
@@ -109,8 +135,20 @@ class StrategyConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = _f(8, "blocks per evaluation batch")
-    max_blocks: int = _f(0, "evaluate at most N test blocks (0 = all)")
+    batch_size: int = _f(8, "examples per evaluation batch")
+    max_blocks: int = _f(0, "evaluate at most N test blocks / examples (0 = all)")
+    generate: bool = _f(True, "prompt-classification: also generate greedily and report "
+                        "generation accuracy and ROUGE (slower than label scoring)")
+    max_new_tokens: int = _f(0, "prompt-classification generation length (0 = longest "
+                             "label + 2)")
+    suites: list = _f([], "extra benchmarks for causal-LM runs: [\"mmlu\"]")
+    suites_every: int = _f(0, "run the suites every N rounds (0 = before round 1 and at the end)")
+    mmlu_source: str = _f("cais/mmlu", "MMLU-layout data: hub id, local file or offline:mmlu-cot")
+    mmlu_subset: str = _f("all", "hub configuration of `mmlu_source`")
+    mmlu_split: str = _f("test", "split of `mmlu_source`")
+    mmlu_max_questions: int = _f(0, "use at most N questions (0 = all)")
+    mmlu_mode: str = _f("letter", "`letter` (log-likelihood of A/B/C/D) or `choice` (of each "
+                        "choice's text)")
 
 
 @dataclass
@@ -259,7 +297,9 @@ def from_json(text: str) -> Config:
 # ---------------------------------------------------------------- semantic checks
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
-TASKS = ("causal-lm",)
+TASKS = ("causal-lm", "instruction", "prompt-classification", "sequence-classification")
+PARTITIONERS = ("iid", "fixed-size", "dirichlet", "shards", "natural")
+SUITES = ("mmlu",)
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
@@ -332,6 +372,41 @@ def _check_early_stopping(es: dict) -> list[str]:
     return p
 
 
+CLASSIFICATION_TASKS = ("prompt-classification", "sequence-classification")
+
+
+def _check_task(cfg: Config) -> list[str]:
+    """Task keys that must agree with each other (columns are checked against the data)."""
+    t, p = cfg.task, []
+    if t.type not in TASKS:
+        return p
+    if t.type in CLASSIFICATION_TASKS:
+        if len(t.label_names) < 2 or not all(isinstance(x, str) and x for x in t.label_names):
+            p.append(f"`task.label_names` must list >= 2 label names for {t.type}, got "
+                     f"{t.label_names!r}")
+        elif len(set(t.label_names)) != len(t.label_names):
+            p.append(f"`task.label_names` has duplicates: {t.label_names!r}")
+    if t.type == "prompt-classification":
+        if not t.prompt:
+            p.append("`task.prompt` is empty: prompt-classification needs a prompt with "
+                     "{column} fields, e.g. \"Sentence: {sentence}\\nSentiment:\"")
+        else:
+            import string
+            try:
+                list(string.Formatter().parse(t.prompt))
+            except ValueError as err:
+                p.append(f"`task.prompt` is not a valid format string: {err}")
+    if t.type == "sequence-classification":
+        if not 1 <= len(t.text_columns) <= 2 or not all(isinstance(c, str) and c
+                                                        for c in t.text_columns):
+            p.append(f"`task.text_columns` must name 1 or 2 columns, got {t.text_columns!r}")
+    if t.type == "instruction":
+        _choice(p, "task.template", t.template, ("alpaca", "chat"))
+    if cfg.eval.suites and t.type == "sequence-classification":
+        p.append("`eval.suites` (MMLU) needs a causal LM; this run is sequence-classification")
+    return p
+
+
 def _choice(problems, key, value, choices):
     if value not in choices:
         problems.append(f"`{key}` = {value!r} is not one of {', '.join(choices)}")
@@ -349,7 +424,13 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     _choice(p, "model.finetune", m.finetune, ("lora", "full"))
     _choice(p, "model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
     _choice(p, "task.type", cfg.task.type, TASKS)
-    _choice(p, "data.partitioner", d.partitioner, ("iid", "fixed-size"))
+    _choice(p, "data.partitioner", d.partitioner, PARTITIONERS)
+    _choice(p, "model.quantization", m.quantization, ("", "4bit", "8bit"))
+    _choice(p, "eval.mmlu_mode", cfg.eval.mmlu_mode, ("letter", "choice"))
+    for name in cfg.eval.suites:
+        if name not in SUITES:
+            p.append(f"`eval.suites`: unknown suite {name!r}; known: {', '.join(SUITES)}")
+    p += _check_task(cfg)
     _choice(p, "train.optimizer", t.optimizer, ("adamw", "sgd"))
     _choice(p, "train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _choice(p, "train.precision", t.precision, ("fp32", "bf16"))
@@ -380,6 +461,14 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
         p.append("`data.test_samples` must be > 0: the server evaluates on a held-out split")
     if d.partitioner == "fixed-size" and d.samples_per_client <= 0:
         p.append("`data.partitioner = \"fixed-size\"` needs `data.samples_per_client` > 0")
+    if d.partitioner in ("dirichlet", "shards", "natural") and not (
+            d.partition_by or cfg.task.type in CLASSIFICATION_TASKS):
+        p.append(f"`data.partitioner = \"{d.partitioner}\"` needs `data.partition_by` (a "
+                 "label or grouping column)")
+    if d.dirichlet_alpha <= 0:
+        p.append(f"`data.dirichlet_alpha` must be > 0, got {d.dirichlet_alpha}")
+    _positive(p, "data.shards_per_client", d.shards_per_client)
+    _positive(p, "data.min_partition_size", d.min_partition_size, allow_zero=True)
     if d.partitioner == "iid" and d.samples_per_client:
         p.append("`data.samples_per_client` only applies to `data.partitioner = \"fixed-size\"`")
     if not all(isinstance(x, str) for x in cfg.lora.target_modules) or not cfg.lora.target_modules:
@@ -388,6 +477,8 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     p += _check_early_stopping(t.early_stopping)
     o = cfg.output
     _positive(p, "output.save_every", o.save_every, allow_zero=True)
+    for key in ("eval.max_new_tokens", "eval.suites_every", "eval.mmlu_max_questions"):
+        _positive(p, key, getattr(cfg.eval, key.split(".")[1]), allow_zero=True)
     _positive(p, "output.keep_last", o.keep_last)
     for name in o.trackers:
         if name not in TRACKERS:
