@@ -17,6 +17,10 @@ def blocks(n=8, t=16, seed=0):
     return torch.randint(0, 500, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
+def examples(n=8, t=16, seed=0):
+    return [{"input_ids": row} for row in blocks(n, t, seed).tolist()]
+
+
 def flat(model):
     return torch.cat([p.flatten() for p in M.trainable_state(model).values()])
 
@@ -62,7 +66,7 @@ def test_full_mode_sends_every_parameter_once(tiny_model_dir):
 def test_arrays_round_trip_reproduces_the_model(tiny_model_dir):
     cfg = make_cfg(tiny_model_dir)
     a = M.load_model(cfg)
-    train_local(a, blocks(), cfg.train, lr=1e-2, proximal_mu=0.0, seed=0)
+    train_local(a, examples(), cfg.train, lr=1e-2, proximal_mu=0.0, seed=0)
     b = M.load_model(cfg)
     a.eval(), b.eval()  # no LoRA dropout
     x = blocks(2, seed=5)
@@ -100,7 +104,7 @@ def test_fedprox_mu_zero_equals_fedavg_client_and_mu_pulls_towards_global(tiny_m
         model = M.load_model(cfg)
         M.load_trainable_state(model, start)
         w0 = flat(model).clone()
-        res = train_local(model, blocks(), cfg.train, lr=1e-2, proximal_mu=mu, seed=3)
+        res = train_local(model, examples(), cfg.train, lr=1e-2, proximal_mu=mu, seed=3)
         results.setdefault(mu, []).append((flat(model) - w0, res.loss))
     (d0, l0), (d0b, l0b) = results[0.0]
     assert torch.equal(d0, d0b) and l0 == l0b      # deterministic, so the comparison means something
@@ -117,7 +121,8 @@ def test_training_lowers_the_loss_on_the_trained_blocks(tiny_model_dir):
     model = M.load_model(cfg)
     b = blocks(4)
     before = eval_causal_lm(model, b, batch_size=2)["eval_loss"]
-    train_local(model, b, cfg.train, lr=3e-3, proximal_mu=0.0, seed=0)
+    res = train_local(model, examples(4), cfg.train, lr=3e-3, proximal_mu=0.0, seed=0)
+    assert res.tokens == 20 * 2 * 16 and res.samples == 40
     after = eval_causal_lm(model, b, batch_size=2)
     assert after["eval_loss"] < before - 0.5
     assert after["eval_ppl"] == pytest.approx(math.exp(after["eval_loss"]))

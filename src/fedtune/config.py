@@ -402,6 +402,9 @@ def _check_task(cfg: Config) -> list[str]:
             p.append(f"`task.text_columns` must name 1 or 2 columns, got {t.text_columns!r}")
     if t.type == "instruction":
         _choice(p, "task.template", t.template, ("alpaca", "chat"))
+    if cfg.model.quantization and cfg.model.finetune != "lora":
+        p.append(f"`model.quantization = \"{cfg.model.quantization}\"` needs `model.finetune = "
+                 "\"lora\"` (quantized base weights cannot train)")
     if cfg.eval.suites and t.type == "sequence-classification":
         p.append("`eval.suites` (MMLU) needs a causal LM; this run is sequence-classification")
     return p
@@ -513,9 +516,10 @@ def _check_sources(cfg: Config) -> list[str]:
             p.append(f"`model.name`: {name!r} has no config.json (not a save_pretrained folder)")
     src = cfg.data.source
     if assets.is_offline(src):
-        if src[len(assets.PREFIX):] not in assets.OFFLINE_DATASETS:
-            p.append(f"`data.source`: unknown offline dataset {src!r}; known: "
-                     + ", ".join(assets.PREFIX + k for k in assets.OFFLINE_DATASETS))
+        try:
+            assets.check_offline_data(src)
+        except (ValueError, FileNotFoundError) as err:
+            p.append(f"`data.source`: {err}")
     elif looks_local(src):
         path = Path(src).expanduser()
         if not path.exists():

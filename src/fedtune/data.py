@@ -21,8 +21,11 @@ class DataError(ValueError):
     """The data does not fit the recipe (missing column, empty partition, too few samples)."""
 
 
-def load_source(cfg: DataConfig) -> Dataset:
-    """Read rows from a hub id, a local file, a folder of files, or a packaged corpus."""
+def load_source(cfg: DataConfig, required: tuple[str, ...] | None = None) -> Dataset:
+    """Read rows from a hub id, a local file, a folder of files, or a packaged corpus.
+
+    `required` names the columns the task reads (default: `data.text_column`); a missing one
+    is an error naming the columns the source has."""
     src = cfg.source
     if assets.is_offline(src):
         ds = Dataset.from_list(assets.load_offline_texts(src))
@@ -44,9 +47,11 @@ def load_source(cfg: DataConfig) -> Dataset:
             ds = load_dataset(kinds[path.suffix], data_files=str(path), split="train")
     else:
         ds = load_dataset(src, cfg.subset or None, split=cfg.split)
-    if cfg.text_column not in ds.column_names:
-        raise DataError(f"`data.text_column` = {cfg.text_column!r} is not a column of "
-                        f"{src!r}; its columns are: {', '.join(ds.column_names)}")
+    for col in (cfg.text_column,) if required is None else required:
+        if col not in ds.column_names:
+            raise DataError(f"column {col!r} is not in {src!r}; its columns are: "
+                            f"{', '.join(ds.column_names)} (set the column names in [task] "
+                            "or `data.text_column`)")
     return ds
 
 
@@ -63,39 +68,35 @@ def split(ds: Dataset, cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
     return test, pool
 
 
-def make_partitioner(cfg: DataConfig, num_clients: int, pool_size: int):
-    from flwr_datasets.partitioner import IidPartitioner, SizePartitioner
+def make_partitioner(cfg: DataConfig, num_clients: int, pool_size: int, seed: int = 0,
+                     column: str | None = None):
+    from fedtune import partition  # imported here: partition imports DataError from here
 
-    if cfg.partitioner == "fixed-size":
-        need = cfg.samples_per_client * num_clients
-        if need > pool_size:
-            raise DataError(f"{num_clients} clients x {cfg.samples_per_client} samples = {need}"
-                            f" but only {pool_size} samples remain after the test split")
-        return SizePartitioner([cfg.samples_per_client] * num_clients)
-    if num_clients > pool_size:
-        raise DataError(f"{num_clients} clients but only {pool_size} samples to share")
-    return IidPartitioner(num_partitions=num_clients)
+    return partition.make_partitioner(cfg, num_clients, pool_size, seed, column)
 
 
-def partitions(pool: Dataset, cfg: DataConfig, num_clients: int) -> list[Dataset]:
-    """All client partitions (cheap: flwr-datasets returns index views)."""
-    part = make_partitioner(cfg, num_clients, len(pool))
-    part.dataset = pool
-    out = [part.load_partition(i) for i in range(num_clients)]
-    for i, p in enumerate(out):
-        if len(p) == 0:
-            raise DataError(f"client {i} has an empty partition; use fewer clients or more data")
-    return out
+def partitions(pool: Dataset, cfg: DataConfig, num_clients: int, seed: int = 0,
+               column: str | None = None) -> list[Dataset]:
+    """All client partitions (cheap: flwr-datasets returns index views).
+
+    `seed` and `column` must be the same in every process (the run's seed and
+    `partition.partition_column`), or server and clients disagree on the split."""
+    from fedtune import partition
+
+    return partition.make_partitions(pool, cfg, num_clients, seed, column)
 
 
-def client_and_test(cfg: DataConfig, num_clients: int, seed: int, partition_id: int | None):
-    """What one process needs: its own partition (or None for the server) and the test split."""
-    test, pool = split(load_source(cfg), cfg, seed)
+def client_and_test(cfg: DataConfig, num_clients: int, seed: int, partition_id: int | None,
+                    column: str | None = None, required: tuple[str, ...] | None = None):
+    """What one process needs: its own partition (or None for the server) and the test split.
+
+    `required`: the columns the task reads (checked by `load_source`)."""
+    test, pool = split(load_source(cfg, required), cfg, seed)
     if partition_id is None:
         return None, test
     if not 0 <= partition_id < num_clients:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_clients - 1}")
-    return partitions(pool, cfg, num_clients)[partition_id], test
+    return partitions(pool, cfg, num_clients, seed, column)[partition_id], test
 
 
 def pack_blocks(ds: Dataset, tokenizer, text_column: str, seq_len: int) -> torch.Tensor:

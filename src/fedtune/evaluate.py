@@ -1,25 +1,107 @@
-"""Evaluation of a causal LM on packed blocks: token-weighted loss and perplexity."""
+"""Centralized evaluation, per task: what the server measures on its held-out split.
+
+- causal-lm / instruction: token-weighted loss over the tokens that carry labels (every
+  token of a block; only response tokens in SFT) and its perplexity;
+- prompt-classification: the loss on the label tokens, accuracy by comparing the
+  log-likelihood of every candidate label (exact and fast), and optionally accuracy and
+  ROUGE of greedily generated text (what the seed report measured);
+- sequence-classification: loss, accuracy, macro-F1 and Matthews correlation.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
+from fedtune.config import Config
+from fedtune.tasks import IGNORE, classification_prompt, collate, encode_completion, label_text
 from fedtune.train import autocast
 
 
+def _batches(examples, batch_size, pad_id, device):
+    for i in range(0, len(examples), batch_size):
+        yield {k: v.to(device) for k, v in collate(examples[i: i + batch_size], pad_id).items()}
+
+
 @torch.no_grad()
-def eval_causal_lm(model, blocks: torch.Tensor, batch_size: int, precision: str = "fp32"):
-    """Mean next-token cross-entropy over all predicted tokens, and exp of it."""
+def eval_lm(model, examples: list[dict], batch_size: int, pad_id: int,
+            precision: str = "fp32") -> dict:
+    """Mean next-token cross-entropy over every labelled target token, and exp of it."""
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        batch = blocks[i: i + batch_size].to(model.device)
+    for batch in _batches(examples, batch_size, pad_id, model.device):
+        labels = batch.pop("labels")
         with autocast(precision, model.device):
-            loss = model(input_ids=batch, labels=batch).loss.float().item()
-        n = batch.numel() - len(batch)  # each row predicts T-1 tokens
-        total += loss * n
-        count += n
-    loss = total / count
+            logits = model(**batch).logits
+        targets = labels[:, 1:]
+        total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                 ignore_index=IGNORE, reduction="sum").item()
+        count += int((targets != IGNORE).sum())
+    loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def eval_sequence_classification(model, examples: list[dict], batch_size: int, pad_id: int,
+                                 precision: str = "fp32") -> dict:
+    """Mean cross-entropy of the classifier, accuracy, macro-F1, Matthews correlation."""
+    from fedtune.metrics import classification_metrics
+
+    model.eval()
+    total, preds, golds = 0.0, [], []
+    for batch in _batches(examples, batch_size, pad_id, model.device):
+        labels = batch.pop("labels")
+        with autocast(precision, model.device):
+            logits = model(**batch).logits.float()
+        total += F.cross_entropy(logits, labels, reduction="sum").item()
+        preds += logits.argmax(-1).tolist()
+        golds += labels.tolist()
+    m = classification_metrics(preds, golds)
+    return {"eval_loss": total / len(golds), "eval_accuracy": m["accuracy"],
+            "eval_f1_macro": m["f1_macro"], "eval_mcc": m["mcc"]}
+
+
+def eval_prompt_classification(model, tokenizer, rows, examples: list[dict], cfg: Config) -> dict:
+    """Label loss, log-likelihood accuracy, and (eval.generate) generation accuracy + ROUGE."""
+    from fedtune.metrics import classification_metrics, rouge
+    from fedtune.scoring import choose, generate_greedy, score_candidates
+
+    t, e, prec = cfg.task, cfg.eval, cfg.train.precision
+    pad_id = tokenizer.pad_token_id
+    out = eval_lm(model, examples, e.batch_size, pad_id, prec)
+    out.pop("eval_ppl")
+    prompts = [classification_prompt(r, t) for r in rows]
+    golds = [ex["class_label"] for ex in examples]
+    labels = [label_text(t, k) for k in range(len(t.label_names))]
+    scores = score_candidates(model, tokenizer, prompts, [labels] * len(prompts),
+                              batch_size=e.batch_size, precision=prec, add_eos=True)
+    m = classification_metrics(choose(scores), golds)
+    out.update(eval_accuracy=m["accuracy"], eval_f1_macro=m["f1_macro"], eval_mcc=m["mcc"])
+    if e.generate:
+        longest = max(len(encode_completion(tokenizer, x, add_eos=True)) for x in labels)
+        texts = generate_greedy(model, tokenizer, prompts, e.max_new_tokens or longest + 2,
+                                batch_size=e.batch_size, precision=prec)
+        refs = [t.label_names[k] for k in golds]
+        norm = [x.strip().lower() for x in texts]
+        out["eval_gen_accuracy"] = sum(n == r.strip().lower() for n, r in zip(norm, refs)) / len(refs)
+        out.update({f"eval_{k}": v for k, v in rouge(texts, refs).items()})
+    return out
+
+
+def evaluate_task(model, tokenizer, cfg: Config, rows, examples: list[dict]) -> dict:
+    """The centralized metrics of `cfg.task.type` on the test rows and their examples."""
+    kind, e = cfg.task.type, cfg.eval
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if kind == "sequence-classification":
+        return eval_sequence_classification(model, examples, e.batch_size, pad_id,
+                                            cfg.train.precision)
+    if kind == "prompt-classification":
+        return eval_prompt_classification(model, tokenizer, rows, examples, cfg)
+    return eval_lm(model, examples, e.batch_size, pad_id, cfg.train.precision)
+
+
+def eval_causal_lm(model, blocks: torch.Tensor, batch_size: int, precision: str = "fp32"):
+    """Loss and perplexity on packed blocks [N, T] (every token after the first is a target)."""
+    return eval_lm(model, [{"input_ids": b} for b in blocks.tolist()], batch_size, 0, precision)

@@ -16,8 +16,8 @@ import time
 import torch
 from flwr.app import ConfigRecord
 
-from fedtune import checkpoint, config as C, data, model as M, tracking
-from fedtune.evaluate import eval_causal_lm
+from fedtune import checkpoint, config as C, data, model as M, tasks, tracking
+from fedtune.evaluate import evaluate_task
 from fedtune.results import RunFolder, manifest, partition_report, peak_rss_mb, summarize
 from fedtune.train import lr_for_round
 
@@ -114,12 +114,14 @@ def run_federation(grid, cfg: C.Config, stop_after_round: int | None = None) -> 
     tokenizer = M.load_tokenizer(cfg.model.name)
     model = M.load_model(cfg)
     trainable, total = M.count_parameters(model)
-    test, pool = data.split(data.load_source(cfg.data), cfg.data, cfg.train.seed)
-    parts = data.partitions(pool, cfg.data, cfg.federation.num_clients)
-    run.write_json("partitions.json", partition_report(parts))
-    test_blocks = data.pack_blocks(test, tokenizer, cfg.data.text_column, cfg.data.seq_len)
+    test, parts, column = load_data(cfg)
+    names = cfg.task.label_names if column == cfg.task.label_column else None
+    run.write_json("partitions.json", {**partition_report(parts, column, names),
+                                       "partitioner": cfg.data.partitioner})
+    test_examples = tasks.encode(test, tokenizer, cfg)
     if cfg.eval.max_blocks:
-        test_blocks = test_blocks[: cfg.eval.max_blocks]
+        test_examples = test_examples[: cfg.eval.max_blocks]
+    test_rows = test.select(range(min(len(test), len(test_examples))))
     strategy = build_strategy(cfg)
     stopper = EarlyStopping(cfg.train.early_stopping)
     keep_best = cfg.output.keep_best or (stopper.metric if stopper.patience else "")
@@ -135,15 +137,20 @@ def run_federation(grid, cfg: C.Config, stop_after_round: int | None = None) -> 
     arrays = M.to_arrays(model)
     log.info(f"model {cfg.model.name}: {trainable:,} of {total:,} parameters train and travel "
              f"({cfg.model.finetune}); {arrays.count_bytes() / 2**20:.2f} MiB per client "
-             f"per direction; server test split {len(test)} samples -> {len(test_blocks)} "
-             f"blocks of {cfg.data.seq_len} tokens; strategy {cfg.strategy.name} "
+             f"per direction; task {cfg.task.type}; server test split {len(test)} samples "
+             f"-> {len(test_examples)} examples (<= {cfg.data.seq_len} tokens); strategy "
+             f"{cfg.strategy.name} "
              f"{cfg.strategy.params or ''}")
     trackers = tracking.open_trackers(run.dir, cfg)
 
-    def evaluate() -> dict:
+    def evaluate(rnd: int) -> dict:
         t0 = time.perf_counter()
-        res = eval_causal_lm(model, test_blocks, cfg.eval.batch_size, cfg.train.precision)
-        return {**res, "eval_seconds": time.perf_counter() - t0}
+        res = evaluate_task(model, tokenizer, cfg, test_rows, test_examples)
+        res["eval_seconds"] = time.perf_counter() - t0
+        every = cfg.eval.suites_every
+        if cfg.eval.suites and (rnd in (0, cfg.federation.rounds) or (every and rnd % every == 0)):
+            res.update(run_suites(model, tokenizer, cfg, run.dir / "eval", rnd, log))
+        return res
 
     def finish_round(row: dict) -> None:
         """Best model, checkpoint, metrics line, trackers, plots: in that order, so a
@@ -167,10 +174,9 @@ def run_federation(grid, cfg: C.Config, stop_after_round: int | None = None) -> 
             run.plots()
 
     if start_round == 1:
-        row = {"round": 0, **evaluate(), "server_peak_rss_mb": peak_rss_mb()}
+        row = {"round": 0, **evaluate(0), "server_peak_rss_mb": peak_rss_mb()}
         finish_round(row)
-        log.info(f"round 0/{cfg.federation.rounds} eval_loss {row['eval_loss']:.4f} "
-                 f"ppl {row['eval_ppl']:.2f}")
+        log.info(f"round 0/{cfg.federation.rounds} {headline(row)}")
 
     stop_reason = None
     for rnd in range(start_round, cfg.federation.rounds + 1):
@@ -196,13 +202,13 @@ def run_federation(grid, cfg: C.Config, stop_after_round: int | None = None) -> 
             log.info(f"round {rnd}: no client succeeded; the global model is unchanged")
         row = _round_row(rnd, lr, messages, replies, bytes_down, t_train)
         del replies
-        row.update(evaluate())
+        row.update(evaluate(rnd))
         row.update(round_seconds=time.perf_counter() - t_round,
                    server_peak_rss_mb=peak_rss_mb())
         finish_round(row)
         log.info(
-            f"round {rnd}/{cfg.federation.rounds} eval_loss {row['eval_loss']:.4f} "
-            f"ppl {row['eval_ppl']:.2f} train_loss {_fmt(row['train_loss'])} lr {lr:.2e} | "
+            f"round {rnd}/{cfg.federation.rounds} {headline(row)} "
+            f"train_loss {_fmt(row['train_loss'])} lr {lr:.2e} | "
             f"{row['round_seconds']:.1f}s, {row['tokens_per_s']:.0f} tok/s, "
             f"down {bytes_down / 2**20:.2f} MiB up {row['bytes_up'] / 2**20:.2f} MiB, "
             f"clients {row['clients_ok']}/{row['clients_sampled']}")
@@ -271,6 +277,52 @@ def _resume(run: RunFolder, cfg: C.Config, model, strategy) -> tuple[int, float]
     run.reset_rows(state["rows"])
     run.log.info(f"resumed from {folder} (round {rnd} of {cfg.federation.rounds})")
     return rnd + 1, float(state.get("elapsed_seconds", 0.0))
+
+
+def load_data(cfg: C.Config):
+    """(server test split, client partitions, partition column): what every process derives
+    identically from the config; a missing column or an empty partition fails here."""
+    from fedtune.partition import partition_column
+
+    column = partition_column(cfg.data, cfg.task)
+    ds = data.load_source(cfg.data, tasks.required_columns(cfg) + ((column,) if column else ()))
+    test, pool = data.split(ds, cfg.data, cfg.train.seed)
+    parts = data.partitions(pool, cfg.data, cfg.federation.num_clients, cfg.train.seed, column)
+    return test, parts, column
+
+
+def run_suites(model, tokenizer, cfg: C.Config, out_dir, rnd: int, log) -> dict:
+    """Benchmarks beyond the task's own test split (MMLU); details to eval/*.json."""
+    import json
+
+    from fedtune import mmlu
+
+    out = {}
+    if "mmlu" in cfg.eval.suites:
+        e = cfg.eval
+        questions = mmlu.load_questions(e.mmlu_source, e.mmlu_subset, e.mmlu_split,
+                                        e.mmlu_max_questions, cfg.train.seed)
+        t0 = time.perf_counter()
+        res = mmlu.evaluate_mmlu(model, tokenizer, questions, e.batch_size, e.mmlu_mode,
+                                 cfg.train.precision)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"mmlu-round-{rnd}.json").write_text(json.dumps(res, indent=2) + "\n")
+        out.update(eval_mmlu_accuracy=res["accuracy"],
+                   eval_mmlu_seconds=time.perf_counter() - t0)
+        for cat, v in res["by_category"].items():
+            out[f"eval_mmlu_{cat.replace(' ', '_')}"] = v["accuracy"]
+        log.info(f"round {rnd}: MMLU accuracy {res['accuracy']:.4f} on "
+                 f"{res['num_questions']} questions ({e.mmlu_mode} scoring)")
+    return out
+
+
+HEADLINE = ("eval_loss", "eval_ppl", "eval_accuracy", "eval_gen_accuracy", "eval_rougeL",
+            "eval_f1_macro", "eval_mcc", "eval_mmlu_accuracy")
+
+
+def headline(row: dict) -> str:
+    """The round's centralized metrics in one short line."""
+    return " ".join(f"{k[5:]} {row[k]:.4f}" for k in HEADLINE if row.get(k) is not None)
 
 
 def _fmt(x) -> str:

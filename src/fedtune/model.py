@@ -16,6 +16,7 @@ import torch
 from fedtune import assets
 from fedtune.config import Config
 
+LINEAR_HINTS = ("proj", "attn", "query", "key", "value", "dense", "fc")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -32,26 +33,72 @@ def load_tokenizer(name: str):
     return tok
 
 
+def check_runtime(cfg: Config) -> None:
+    """Fail before any process starts when the machine cannot do what the recipe asks."""
+    if cfg.model.quantization:
+        import importlib.util
+
+        if not torch.cuda.is_available():
+            raise ModelError(f"`model.quantization = \"{cfg.model.quantization}\"` (QLoRA) "
+                             "needs a CUDA GPU (bitsandbytes quantizes on the GPU) and this "
+                             "machine has none; remove the key to train the unquantized model")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelError(f"`model.quantization = \"{cfg.model.quantization}\"` needs the "
+                             "`bitsandbytes` package: pip install bitsandbytes")
+
+
+def _quantization_config(cfg: Config):
+    from transformers import BitsAndBytesConfig
+
+    if cfg.model.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_model(cfg: Config, seed: int | None = None):
-    """Base model (+ LoRA adapter initialised from `seed`), ready to train on CPU/GPU."""
-    from transformers import AutoModelForCausalLM
+    """Base model (+ LoRA adapter initialised from `seed`), ready to train on CPU/GPU.
+
+    A causal LM, or for `sequence-classification` an encoder with a fresh classifier head
+    (its initialisation is seeded, so the server and every client build the same one)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    check_runtime(cfg)
+    seed = cfg.train.seed if seed is None else seed
     path = assets.resolve_model(cfg.model.name)
+    kwargs = {"dtype": DTYPES[cfg.model.dtype]}
+    if cfg.model.quantization:
+        kwargs.update(quantization_config=_quantization_config(cfg), device_map={"": 0})
+    torch.manual_seed(seed)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype])
+        if cfg.task.type == "sequence-classification":
+            names = cfg.task.label_names
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=len(names), id2label=dict(enumerate(names)),
+                label2id={n: i for i, n in enumerate(names)}, **kwargs)
+            if model.config.pad_token_id is None:  # GPT-style backbones: find the last token
+                model.config.pad_token_id = load_tokenizer(cfg.model.name).pad_token_id
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         hint = ("" if os.environ.get("HF_HUB_OFFLINE") != "1" else
                 " (HF_HUB_OFFLINE=1 is set: hub ids only work if already in the HF cache)")
         raise ModelError(f"cannot load `model.name` = {cfg.model.name!r}: {err}{hint}") from None
     model.config.use_cache = False
-    if torch.cuda.is_available():
+    if cfg.model.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+    elif torch.cuda.is_available():
         model.to("cuda")
-    if cfg.model.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing and not cfg.model.quantization:
         model.gradient_checkpointing_enable()
     if cfg.model.finetune == "lora":
-        model = add_lora(model, cfg, seed=cfg.train.seed if seed is None else seed)
+        model = add_lora(model, cfg, seed=seed)
     return model
 
 
@@ -67,10 +114,12 @@ def add_lora(model, cfg: Config, seed: int):
     if target != "all-linear" and not set(names) & present:
         raise ModelError(f"`lora.target_modules` {names} match no module of "
                          f"{cfg.model.name}; linear layers here include e.g. "
-                         f"{sorted(n for n in present if 'proj' in n or 'attn' in n)[:8]}")
+                         f"{sorted(n for n in present if any(k in n for k in LINEAR_HINTS))[:8]}")
     torch.manual_seed(seed)  # identical adapter init on server and every client
+    # SEQ_CLS makes PEFT train (and us send) the new classifier head along with the adapter
+    task_type = "SEQ_CLS" if cfg.task.type == "sequence-classification" else "CAUSAL_LM"
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=target, task_type="CAUSAL_LM")
+                      target_modules=target, task_type=task_type)
     return get_peft_model(model, lora)
 
 

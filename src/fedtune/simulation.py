@@ -27,13 +27,14 @@ QUIET_ENV = {
 
 def prepare(cfg: C.Config) -> None:
     """Work done once before any process starts: convert offline weights, resolve paths."""
-    from fedtune import data
+    from fedtune import model as M
+    from fedtune.federation import load_data
 
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
+    M.check_runtime(cfg)  # e.g. QLoRA without CUDA
     # Data errors (missing column, empty partition) surface here, before Ray starts.
-    _, pool = data.split(data.load_source(cfg.data), cfg.data, cfg.train.seed)
-    data.partitions(pool, cfg.data, cfg.federation.num_clients)
+    load_data(cfg)
     assets.resolve_model(cfg.model.name)
 
 

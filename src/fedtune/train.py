@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.config import TrainConfig
+from fedtune.tasks import collate
 
 
 def lr_for_round(server_round: int, num_rounds: int, cfg: TrainConfig) -> float:
@@ -24,11 +25,11 @@ def lr_for_round(server_round: int, num_rounds: int, cfg: TrainConfig) -> float:
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * progress))
 
 
-def num_local_steps(n_blocks: int, cfg: TrainConfig) -> int:
-    """Optimizer steps this round: `local_steps`, or epochs over the client's blocks."""
+def num_local_steps(n_examples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps this round: `local_steps`, or epochs over the client's examples."""
     if cfg.local_steps:
         return cfg.local_steps
-    per_epoch = math.ceil(n_blocks / (cfg.batch_size * cfg.grad_accum))
+    per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
     return max(1, math.ceil(per_epoch * cfg.local_epochs))
 
 
@@ -45,17 +46,20 @@ def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> to
 
 @dataclass
 class TrainResult:
-    loss: float          # mean cross-entropy of the micro-batches seen (without the prox term)
+    loss: float          # mean task loss of the micro-batches seen (without the prox term)
     steps: int
-    samples: int         # blocks trained on (with repeats across epochs)
-    tokens: int
+    samples: int         # examples trained on (with repeats across epochs)
+    tokens: int          # non-padding tokens trained on
     seconds: float
 
 
-def train_local(model, blocks: torch.Tensor, cfg: TrainConfig, lr: float, proximal_mu: float,
-                seed: int, log_every: int = 0, log=print) -> TrainResult:
-    """Train `model` in place on `blocks` [N, T] for this round's steps.
+def train_local(model, examples: list[dict], cfg: TrainConfig, lr: float, proximal_mu: float,
+                seed: int, pad_id: int = 0, log_every: int = 0, log=print,
+                loss_fn=None) -> TrainResult:
+    """Train `model` in place on `examples` (see fedtune.tasks) for this round's steps.
 
+    The task loss is `model(**batch).loss` (the masks in the batch decide which tokens
+    count), or `loss_fn(model, batch)` when given (knowledge distillation).
     FedProx: the client adds `mu/2 * ||w - w_global||^2` to its loss, where w_global are the
     trainable tensors as received this round. mu = 0 is exactly FedAvg's client.
     """
@@ -65,30 +69,32 @@ def train_local(model, blocks: torch.Tensor, cfg: TrainConfig, lr: float, proxim
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
-    steps = num_local_steps(len(blocks), cfg)
+    steps = num_local_steps(len(examples), cfg)
     # dropout draws from the global RNG: seed it so a client's round depends only on
     # (seed, round, client), not on what the process ran before (resume, caching, deployment)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(blocks), generator=gen)
-    cursor, total_loss, n_micro, samples = 0, 0.0, 0, 0
+    order = torch.randperm(len(examples), generator=gen)
+    cursor, total_loss, n_micro, samples, tokens = 0, 0.0, 0, 0, 0
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
         for _ in range(cfg.grad_accum):
             if cursor >= len(order):  # next epoch: a fresh permutation
-                order, cursor = torch.randperm(len(blocks), generator=gen), 0
-            batch = blocks[order[cursor: cursor + cfg.batch_size]].to(model.device)
+                order, cursor = torch.randperm(len(examples), generator=gen), 0
+            picked = [examples[i] for i in order[cursor: cursor + cfg.batch_size].tolist()]
+            batch = {k: v.to(model.device) for k, v in collate(picked, pad_id).items()}
             cursor += cfg.batch_size
             with autocast(cfg.precision, model.device):
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
             total = loss
             if anchors:
                 total = loss + proximal_mu / 2 * proximal_term(params, anchors)
             (total / cfg.grad_accum).backward()
             total_loss += loss.item()
             n_micro += 1
-            samples += len(batch)
+            samples += len(picked)
+            tokens += int(batch["attention_mask"].sum())
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -97,4 +103,4 @@ def train_local(model, blocks: torch.Tensor, cfg: TrainConfig, lr: float, proxim
             log(f"step {step + 1}/{steps} loss {total_loss / n_micro:.4f}")
     seconds = time.perf_counter() - t0
     return TrainResult(loss=total_loss / max(n_micro, 1), steps=steps, samples=samples,
-                       tokens=samples * blocks.shape[1], seconds=seconds)
+                       tokens=tokens, seconds=seconds)

@@ -1,6 +1,6 @@
 """Flower ClientApp: receive the global trainable tensors, train locally, reply with them.
 
-The base model and the client's tokenized blocks are cached per process, keyed by what they
+The base model and the client's encoded examples are cached per process, keyed by what they
 depend on: Ray keeps simulation actors alive across rounds, so each client loads weights
 once, not every round. (Flower's deployment runtime starts a fresh process per message;
 there the cache simply misses.)
@@ -19,9 +19,10 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import data, model as M
+from fedtune import data, model as M, tasks
 from fedtune.assets import cache_dir
 from fedtune.apps import config_from_run_config
+from fedtune.federation import load_data
 from fedtune.results import peak_rss_mb
 from fedtune.train import train_local
 
@@ -29,7 +30,7 @@ log = logging.getLogger("fedtune")
 app = ClientApp()
 
 _MODELS: dict[str, tuple] = {}  # model+lora json -> (model, tokenizer)
-_BLOCKS: dict[tuple, torch.Tensor] = {}  # (data json, tokenizer, seed, clients, pid) -> blocks
+_EXAMPLES: dict[tuple, list] = {}  # (data, task, tokenizer, seed, clients, pid) -> examples
 
 
 def _model_and_tokenizer(cfg):
@@ -42,35 +43,37 @@ def _model_and_tokenizer(cfg):
     return (*_MODELS[key], loaded_now)
 
 
-def _client_blocks(cfg, pid: int, tokenizer, data_path: str = "") -> torch.Tensor:
-    """This client's packed blocks: its partition of the shared source, or all of its own
-    `data-path` (a SuperNode's local data). Cached in memory and on disk, because Flower's
-    deployment runtime starts a fresh process for every message."""
+def _client_examples(cfg, pid: int, tokenizer, data_path: str = "") -> list[dict]:
+    """This client's encoded examples: its partition of the shared source, or all of its
+    own `data-path` (a SuperNode's local data). Cached in memory and on disk, because
+    Flower's deployment runtime starts a fresh process for every message."""
     src = Path(cfg.data.source).expanduser()
     stamp = (src.stat().st_mtime_ns, src.stat().st_size) if src.exists() else None
-    key = (repr(cfg.data), stamp, cfg.model.name, cfg.train.seed, cfg.federation.num_clients,
-           pid, data_path)
-    if key not in _BLOCKS:
-        disk = cache_dir() / "blocks" / (hashlib.sha256(repr(key).encode()).hexdigest()[:24]
+    key = (repr(cfg.data), repr(cfg.task), stamp, cfg.model.name, cfg.train.seed,
+           cfg.federation.num_clients, pid, data_path)
+    if key not in _EXAMPLES:
+        disk = cache_dir() / "examples" / (hashlib.sha256(repr(key).encode()).hexdigest()[:24]
                                          + ".pt")
         if disk.exists() and not data_path:  # a local folder may change; a partition won't
-            _BLOCKS[key] = torch.load(disk)
+            _EXAMPLES[key] = torch.load(disk)
         else:
+            required = tasks.required_columns(cfg)
             if data_path:
-                part = data.load_source(dataclasses.replace(cfg.data, source=data_path))
+                part = data.load_source(dataclasses.replace(cfg.data, source=data_path),
+                                        required)
                 if len(part) == 0:
                     raise data.DataError(f"data-path {data_path} holds no samples")
             else:
-                part, _ = data.client_and_test(cfg.data, cfg.federation.num_clients,
-                                               cfg.train.seed, pid)
-            blocks = data.pack_blocks(part, tokenizer, cfg.data.text_column, cfg.data.seq_len)
+                _, parts, _ = load_data(cfg)
+                part = parts[pid]
+            examples = tasks.encode(part, tokenizer, cfg)
             if not data_path:
                 disk.parent.mkdir(parents=True, exist_ok=True)
                 tmp = disk.with_suffix(f".tmp{os.getpid()}")
-                torch.save(blocks, tmp)
+                torch.save(examples, tmp)
                 os.replace(tmp, disk)
-            _BLOCKS[key] = blocks
-    return _BLOCKS[key]
+            _EXAMPLES[key] = examples
+    return _EXAMPLES[key]
 
 
 def process_age_seconds() -> float:
@@ -97,21 +100,24 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     model, tokenizer, loaded_now = _model_and_tokenizer(cfg)
     t1 = time.perf_counter()
-    blocks = _client_blocks(cfg, pid, tokenizer, str(context.node_config.get("data-path", "")))
+    if not 0 <= pid < n:
+        raise data.DataError(f"partition-id {pid} is outside 0..{n - 1}")
+    examples = _client_examples(cfg, pid, tokenizer,
+                                str(context.node_config.get("data-path", "")))
     t2 = time.perf_counter()
 
     M.load_trainable_state(model, M.from_arrays(msg.content["arrays"]))
     conf = msg.content["config"]
     rnd = int(conf["server-round"])
     result = train_local(
-        model, blocks, cfg.train, lr=float(conf["lr"]),
+        model, examples, cfg.train, lr=float(conf["lr"]),
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
-        seed=cfg.train.seed * 100_003 + rnd * 1_009 + pid,
+        seed=cfg.train.seed * 100_003 + rnd * 1_009 + pid, pad_id=tokenizer.pad_token_id,
         log_every=max(1, cfg.train.local_steps // 4) if cfg.train.local_steps else 10,
         log=lambda s: print(f"[client {pid}] round {rnd} {s}", flush=True),
     )
     metrics = MetricRecord({
-        "num-examples": len(blocks),  # FedAvg weight: the client's data size in blocks
+        "num-examples": len(examples),  # FedAvg weight: the client's data size in examples
         "train_loss": result.loss,
         "train_steps": result.steps,
         "train_samples": result.samples,

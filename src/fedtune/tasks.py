@@ -1,0 +1,271 @@
+"""Tasks: turn dataset rows into training examples, and batches of them into model inputs.
+
+Why one place: the client trains and the server evaluates on exactly the same encoding, and
+the loss mask is decided here, once. Every example is a dict of plain lists/ints:
+
+- `causal-lm`: packed blocks, `input_ids` only (loss on every token);
+- `instruction` and `prompt-classification`: `input_ids` + `labels`, where prompt tokens are
+  -100 so the loss covers only the response (or the verbal label, plus EOS so the model
+  learns to stop); prompt-classification also keeps the class index in `class_label`;
+- `sequence-classification`: `input_ids` (+ `token_type_ids`) + `class_label` for an
+  encoder with a classifier head.
+
+Batches are padded to their own longest example, not to a global maximum.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+from fedtune.config import Config, TaskConfig
+from fedtune.data import DataError, pack_blocks
+
+IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
+
+ALPACA_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+         "system": "system"}
+
+
+def prompt_fields(template: str) -> list[str]:
+    """The {column} names a format string uses."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def required_columns(cfg: Config) -> tuple[str, ...]:
+    """Columns the task reads; `load_source` checks them against the data at start."""
+    t = cfg.task
+    if t.type == "causal-lm":
+        return (cfg.data.text_column,)
+    if t.type == "instruction":
+        if t.messages_column:
+            return (t.messages_column,)
+        return (t.instruction_column, t.output_column)  # `input` is optional
+    if t.type == "prompt-classification":
+        return (*dict.fromkeys(prompt_fields(t.prompt)), t.label_column)
+    return (*t.text_columns, t.label_column)
+
+
+def class_index(value, label_names: list[str], where: str) -> int:
+    """A label given as an index or as one of `label_names` -> its index."""
+    if isinstance(value, str):
+        if value in label_names:
+            return label_names.index(value)
+        if value.strip().lstrip("-").isdigit():
+            value = int(value)
+        else:
+            raise DataError(f"{where}: label {value!r} is not one of `task.label_names` "
+                            f"{label_names}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(label_names):
+        raise DataError(f"{where}: label {value!r} is outside 0..{len(label_names) - 1} "
+                        f"(`task.label_names` = {label_names}); unlabelled rows (e.g. GLUE "
+                        "test splits use -1) cannot train or evaluate: use a labelled split")
+    return value
+
+
+# ---------------------------------------------------------------- token sequences
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt's tokens: the tokenizer's own leading special tokens (e.g. a BOS), no EOS."""
+    ids = tokenizer(text, verbose=False)["input_ids"]
+    if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return list(ids)
+
+
+def encode_completion(tokenizer, text: str, add_eos: bool) -> list[int]:
+    """A completion's tokens (tokenized apart from its prompt), optionally ending with EOS."""
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def build_sequence(tokenizer, segments: list[tuple[str, bool]], seq_len: int,
+                   eos_after_response: bool = True) -> dict | None:
+    """Tokens and labels of (text, is_response) segments; None if no response token fits.
+
+    Prompt tokens get label -100. Too long: cut the first prompt from the left (its end,
+    the response header, stays) so that the first response keeps at least
+    min(its length, seq_len // 2) tokens, then cut the end.
+    """
+    ids, labels, first_resp = [], [], None
+    for i, (text, is_resp) in enumerate(segments):
+        if i == 0 and not is_resp:
+            seg = encode_prompt(tokenizer, text)
+        else:
+            seg = encode_completion(tokenizer, text, add_eos=is_resp and eos_after_response)
+        if is_resp and first_resp is None:
+            first_resp = (len(ids), len(seg))
+        ids += seg
+        labels += seg if is_resp else [IGNORE] * len(seg)
+    if first_resp is None:
+        return None
+    if len(ids) > seq_len:
+        start, length = first_resp
+        keep = min(length, seq_len // 2)
+        overflow = start + keep - seq_len  # prompt tokens to drop so `keep` fit
+        if overflow > 0:
+            head = 1 if ids and ids[0] == tokenizer.bos_token_id else 0  # keep a BOS
+            ids = ids[:head] + ids[head + overflow:]
+            labels = labels[:head] + labels[head + overflow:]
+        ids, labels = ids[:seq_len], labels[:seq_len]
+    if all(x == IGNORE for x in labels):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+# ---------------------------------------------------------------- per-task rows -> segments
+
+def alpaca_prompt(instruction: str, inp: str) -> str:
+    return (ALPACA_INPUT if inp else ALPACA_NO_INPUT).format(instruction=instruction, input=inp)
+
+
+def _chat_turns(turns, where: str) -> list[dict]:
+    """[{role, content}] from OpenAI-style or ShareGPT-style ({from, value}) turns."""
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: chat record must be a list of turns, got {type(turns).__name__}")
+    out = []
+    for turn in turns:
+        role = turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
+        content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
+        if role not in ROLES or not isinstance(content, str):
+            raise DataError(f"{where}: a chat turn must have role/content or from/value with a "
+                            f"known role ({', '.join(sorted(ROLES))}); got {turn!r:.120}")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+def instruction_segments(row: dict, t: TaskConfig, tokenizer, where: str):
+    """(segments, eos_after_response) of one instruction or chat record."""
+    if not t.messages_column:
+        inp = row.get(t.input_column) or "" if t.input_column else ""
+        instr, out = row[t.instruction_column] or "", row[t.output_column] or ""
+        if t.template == "chat":
+            turns = [{"role": "user", "content": f"{instr}\n\n{inp}" if inp else instr},
+                     {"role": "assistant", "content": out}]
+            return chat_template_segments(turns, tokenizer), False
+        return [(alpaca_prompt(instr, inp), False), (out, True)], True
+    turns = _chat_turns(row[t.messages_column], where)
+    if t.template == "chat":
+        return chat_template_segments(turns, tokenizer), False
+    segs, system, first = [], "", True
+    for turn in turns:
+        if turn["role"] == "system":
+            system = turn["content"] + "\n\n"
+        elif turn["role"] == "user":
+            text = (alpaca_prompt(turn["content"], "") if first else
+                    f"\n\n### Instruction:\n{turn['content']}\n\n### Response:\n")
+            segs.append((system + text if first else text, False))
+            first = False
+        else:
+            segs.append((turn["content"], True))
+    return segs, True
+
+
+def chat_template_segments(turns: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    """Render with the tokenizer's chat template; each assistant reply (with the template's
+    end-of-turn marker) is a response segment, everything else prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("`task.template = \"chat\"` but this tokenizer has no chat template; "
+                        "use `task.template = \"alpaca\"`")
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    segs, done = [], ""
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        prefix, full = render(turns[:i], True), render(turns[: i + 1], False)
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise DataError("the tokenizer's chat template does not render turns as a growing "
+                            "prefix; use `task.template = \"alpaca\"`")
+        segs += [(prefix[len(done):], False), (full[len(prefix):], True)]
+        done = full
+    return segs
+
+
+def classification_prompt(row: dict, t: TaskConfig) -> str:
+    return t.prompt.format(**{k: row[k] for k in prompt_fields(t.prompt)})
+
+
+def label_text(t: TaskConfig, index: int) -> str:
+    """What the model must say for class `index` (label_prefix + name)."""
+    return t.label_prefix + t.label_names[index]
+
+
+# ---------------------------------------------------------------- dataset -> examples
+
+def encode(ds, tokenizer, cfg: Config) -> list[dict]:
+    """All examples of a dataset (a client partition or the server's test split)."""
+    t, seq_len = cfg.task, cfg.data.seq_len
+    if t.type == "causal-lm":
+        blocks = pack_blocks(ds, tokenizer, cfg.data.text_column, seq_len)
+        return [{"input_ids": b} for b in blocks.tolist()]
+    examples, dropped = [], 0
+    for i, row in enumerate(ds):
+        where = f"row {i} of {cfg.data.source}"
+        if t.type == "sequence-classification":
+            texts = [row[c] for c in t.text_columns]
+            enc = tokenizer(*texts, truncation=True, max_length=seq_len, verbose=False)
+            ex = {"input_ids": list(enc["input_ids"]),
+                  "class_label": class_index(row[t.label_column], t.label_names, where)}
+            if "token_type_ids" in enc:
+                ex["token_type_ids"] = list(enc["token_type_ids"])
+        elif t.type == "prompt-classification":
+            k = class_index(row[t.label_column], t.label_names, where)
+            ex = build_sequence(tokenizer, [(classification_prompt(row, t), False),
+                                            (label_text(t, k), True)], seq_len)
+            if ex is None:  # rows and examples must stay aligned for evaluation
+                raise DataError(f"{where}: the label does not fit in `data.seq_len` = {seq_len}")
+            ex["class_label"] = k
+        else:
+            segs, eos = instruction_segments(row, t, tokenizer, where)
+            if not any(resp and text.strip() for text, resp in segs):
+                ex = None  # an empty answer teaches nothing
+            else:
+                ex = build_sequence(tokenizer, segs, seq_len, eos_after_response=eos)
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    if not examples:
+        raise DataError(f"none of the {len(ds)} rows gives a training example (no response "
+                        f"token fits in `data.seq_len` = {seq_len}, or empty responses)")
+    return examples
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest example; model inputs only (`model(**batch).loss`)."""
+    width = max(len(e["input_ids"]) for e in examples)
+
+    def pad(key, value):
+        return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples])
+
+    batch = {"input_ids": pad("input_ids", pad_id),
+             "attention_mask": torch.tensor([[1] * len(e["input_ids"]) +
+                                             [0] * (width - len(e["input_ids"]))
+                                             for e in examples])}
+    if "token_type_ids" in examples[0]:
+        batch["token_type_ids"] = pad("token_type_ids", 0)
+    if "labels" in examples[0]:
+        batch["labels"] = pad("labels", IGNORE)
+    elif "class_label" in examples[0]:
+        batch["labels"] = torch.tensor([e["class_label"] for e in examples])
+    else:  # packed causal LM: every real token is a target, padding is not
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+    return batch
+
+
+def count_tokens(examples: list[dict]) -> int:
+    return sum(len(e["input_ids"]) for e in examples)
