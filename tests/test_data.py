@@ -103,3 +103,18 @@ def test_pack_blocks_joins_documents_with_eos_and_drops_the_remainder(tiny_model
     assert blocks.flatten().tolist() == ids[: blocks.numel()]
     with pytest.raises(data.DataError, match="one block"):
         data.pack_blocks(ds, tok, "text", seq_len=10_000)
+
+
+def test_a_client_gets_the_dirichlet_partition_the_server_reports(tmp_path):
+    """Server and clients derive the split independently; they must agree row for row."""
+    src = tmp_path / "labelled.jsonl"
+    src.write_text("".join(json.dumps({"text": f"row {i}", "id": i, "label": i % 3}) + "\n"
+                           for i in range(300)))
+    cfg = cfg_for(src, "data.test_samples=30", "data.partitioner=dirichlet",
+                  "data.dirichlet_alpha=0.3", "data.partition_by=label")
+    _, pool = data.split(data.load_source(cfg.data), cfg.data, seed=5)
+    server = data.partitions(pool, cfg.data, 4, seed=5, column="label")
+    for pid in range(4):
+        part, _ = data.client_and_test(cfg.data, 4, 5, pid, column="label",
+                                       required=("text", "label"))
+        assert list(part["id"]) == list(server[pid]["id"])

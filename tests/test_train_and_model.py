@@ -32,6 +32,9 @@ def test_cosine_schedule_goes_from_max_to_min_across_rounds():
     assert lrs[2] == pytest.approx((1e-3 + 1e-5) / 2)
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
     assert lr_for_round(3, 5, C.TrainConfig(lr=1e-3)) == 1e-3
+    lin = C.TrainConfig(lr=1e-3, lr_min=0.0, lr_schedule="linear")
+    assert [lr_for_round(r, 5, lin) for r in range(1, 6)] == pytest.approx(
+        [1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0])
 
 
 def test_local_steps_or_epochs():

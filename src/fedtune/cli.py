@@ -1,4 +1,4 @@
-"""`fedtune` command line: run | validate | report | keys.
+"""`fedtune` command line: run | validate | deploy | report | eval | keys.
 
 Heavy imports (torch, transformers, flwr) happen only after the recipe validated, so a bad
 key fails in about a second.
@@ -77,6 +77,19 @@ def cmd_report(args) -> int:
     return report_main(args.runs)
 
 
+def cmd_eval(args) -> int:
+    from fedtune.evaluate import evaluate_saved
+
+    suites = [s for part in args.suite for s in part.split(",")]
+    bad = [s for s in suites if s not in ("mmlu", "task")]
+    if bad:
+        from fedtune.config import ConfigError
+
+        raise ConfigError([f"--suite {', '.join(bad)}: known suites are mmlu, task"])
+    print(json.dumps(evaluate_saved(args.target, suites, args.set, args.out), indent=2))
+    return 0
+
+
 def cmd_keys(args) -> int:
     from fedtune.config import describe
 
@@ -114,6 +127,17 @@ def main(argv: list[str] | None = None) -> int:
                        "overlay several runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("eval", help="evaluate a run's final model, or a base model, on "
+                       "benchmark suites (mmlu) and/or the recipe's test split (task)")
+    p.add_argument("target", help="a run folder (uses its config.toml and final/), or a "
+                   "model: hub id, local folder, offline:NAME")
+    p.add_argument("--suite", action="append", required=True,
+                   help="mmlu and/or task (comma-separated or repeated)")
+    p.add_argument("--out", help="where eval/*.json go (default: the run folder, or "
+                   "runs/eval-MODEL)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --set eval.mmlu_source=offline:mmlu-cot")
+    p.set_defaults(fn=cmd_eval)
     sub.add_parser("keys", help="list every recipe key with its default").set_defaults(
         fn=cmd_keys)
     args = parser.parse_args(argv)

@@ -118,7 +118,8 @@ class TrainConfig:
     optimizer: str = _f("adamw", "`adamw` or `sgd`; a fresh optimizer each round")
     lr: float = _f(2e-4, "learning rate (maximum of the cosine schedule)")
     lr_min: float = _f(0.0, "final learning rate of the cosine schedule")
-    lr_schedule: str = _f("constant", "`constant` or `cosine` from lr to lr_min across rounds")
+    lr_schedule: str = _f("constant", "`constant`, or `cosine` / `linear` from lr to lr_min "
+                          "across rounds")
     weight_decay: float = _f(0.0, "decoupled weight decay")
     max_grad_norm: float = _f(1.0, "clip the gradient norm (0 = no clipping)")
     precision: str = _f("fp32", "`fp32` or `bf16` (CPU/GPU autocast; weights stay in dtype)")
@@ -435,7 +436,7 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
             p.append(f"`eval.suites`: unknown suite {name!r}; known: {', '.join(SUITES)}")
     p += _check_task(cfg)
     _choice(p, "train.optimizer", t.optimizer, ("adamw", "sgd"))
-    _choice(p, "train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    _choice(p, "train.lr_schedule", t.lr_schedule, ("constant", "cosine", "linear"))
     _choice(p, "train.precision", t.precision, ("fp32", "bf16"))
     for key, value in [("lora.r", cfg.lora.r), ("lora.alpha", cfg.lora.alpha),
                        ("data.seq_len", d.seq_len), ("federation.num_clients", fed.num_clients),

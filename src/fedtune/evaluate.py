@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.config import Config
-from fedtune.tasks import IGNORE, classification_prompt, collate, encode_completion, label_text
+from fedtune.scoring import encode_completion
+from fedtune.tasks import IGNORE, classification_prompt, collate, label_text
 from fedtune.train import autocast
 
 
@@ -105,3 +106,46 @@ def evaluate_task(model, tokenizer, cfg: Config, rows, examples: list[dict]) -> 
 def eval_causal_lm(model, blocks: torch.Tensor, batch_size: int, precision: str = "fp32"):
     """Loss and perplexity on packed blocks [N, T] (every token after the first is a target)."""
     return eval_lm(model, [{"input_ids": b} for b in blocks.tolist()], batch_size, 0, precision)
+
+
+def evaluate_saved(target: str, suites: list[str], overrides: list[str], out_dir=None) -> dict:
+    """`fedtune eval`: a run folder's final model (its recipe rebuilds the model, the saved
+    adapter or weights go in) or a base model by name/path, on benchmark suites and/or the
+    recipe's own test split (`task`). Results go to OUT/eval/*.json and are returned."""
+    import json
+    import logging
+    from pathlib import Path
+
+    from fedtune import checkpoint, config as C, model as M, tasks
+    from fedtune.federation import load_data, run_suites
+
+    run_dir = Path(target).expanduser()
+    is_run = (run_dir / "config.toml").is_file()
+    bench = [s for s in suites if s != "task"]
+    sets = [*overrides] + ([f"eval.suites={json.dumps(bench)}"] if bench else [])
+    if is_run:
+        cfg = C.load(run_dir / "config.toml", sets)
+        weights = run_dir / "final"
+        if not weights.is_dir():
+            raise FileNotFoundError(f"{run_dir} has no final/ model yet (the run has not ended)")
+        out = Path(out_dir) if out_dir else run_dir
+    else:
+        cfg = C.load(None, sets + [f"model.name={target}", "model.finetune=full"])
+        weights = None
+        out = Path(out_dir or Path("runs") / ("eval-" + Path(target).name.replace(":", "-")))
+    model = M.load_model(cfg)
+    if weights is not None:
+        checkpoint.load_weights(model, weights, cfg.model.finetune)
+    tokenizer = M.load_tokenizer(cfg.model.name)
+    log = logging.getLogger("fedtune")
+    result = {"target": str(target), "model": cfg.model.name, "trained": weights is not None}
+    if "task" in suites:
+        test, _, _ = load_data(cfg)
+        examples = tasks.encode(test, tokenizer, cfg)[: cfg.eval.max_blocks or None]
+        rows = test.select(range(len(examples)))
+        result["task"] = evaluate_task(model, tokenizer, cfg, rows, examples)
+    if bench:
+        result.update(run_suites(model, tokenizer, cfg, out / "eval", "final", log))
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    (out / "eval" / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -116,8 +116,10 @@ def run_federation(grid, cfg: C.Config, stop_after_round: int | None = None) -> 
     trainable, total = M.count_parameters(model)
     test, parts, column = load_data(cfg)
     names = cfg.task.label_names if column == cfg.task.label_column else None
-    run.write_json("partitions.json", {**partition_report(parts, column, names),
-                                       "partitioner": cfg.data.partitioner})
+    from fedtune.partition import describe
+
+    run.write_json("partitions.json", partition_report(parts, column, names,
+                                                       describe(cfg.data)))
     test_examples = tasks.encode(test, tokenizer, cfg)
     if cfg.eval.max_blocks:
         test_examples = test_examples[: cfg.eval.max_blocks]
@@ -285,7 +287,8 @@ def load_data(cfg: C.Config):
     from fedtune.partition import partition_column
 
     column = partition_column(cfg.data, cfg.task)
-    ds = data.load_source(cfg.data, tasks.required_columns(cfg) + ((column,) if column else ()))
+    ds = data.load_source(cfg.data, tasks.required_columns(cfg))  # partition column: checked
+    # by the partitioner, whose error names `data.partition_by`
     test, pool = data.split(ds, cfg.data, cfg.train.seed)
     parts = data.partitions(pool, cfg.data, cfg.federation.num_clients, cfg.train.seed, column)
     return test, parts, column

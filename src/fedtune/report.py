@@ -203,21 +203,56 @@ def _plot_memory(rows, path):
 
 
 def _plot_partitions(parts, path):
+    """Examples per client stacked by label/group, and each client's label mix: the skew of
+    a non-IID split (and the size imbalance Dirichlet adds) shows at a glance."""
     clients = [c for c in parts.get("clients", []) if isinstance(c, dict)]
-    fig, (ax,) = _figure(1, height=3.6)
-    xs = [_num(c.get("client")) or i for i, c in enumerate(clients)]
-    groups = sorted({str(k) for c in clients for k in (c.get("histogram") or {})})
-    bottom = [0.0] * len(clients)
-    for g in groups:  # stacked by label/group: the skew of a non-IID split shows at a glance
-        ys = [_num({str(k): v for k, v in (c.get("histogram") or {}).items()}.get(g)) or 0.0
-              for c in clients]
-        ax.bar(xs, ys, bottom=bottom, label=g)
+    xs = [int(_num(c.get("client")) if _num(c.get("client")) is not None else i)
+          for i, c in enumerate(clients)]
+    hists = [{str(k): _num(v) or 0.0 for k, v in (c.get("histogram") or {}).items()}
+             if isinstance(c.get("histogram"), dict) else {} for c in clients]
+    listed = parts.get("groups") if isinstance(parts.get("groups"), list) else []
+    groups = list(dict.fromkeys([*map(str, listed), *(k for h in hists for k in h)]))
+    if len(groups) > 10:  # keep the legend readable: the 9 largest groups, then "other"
+        total = {g: sum(h.get(g, 0.0) for h in hists) for g in groups}
+        top = set(sorted(groups, key=lambda g: -total[g])[:9])
+        hists = [{**{g: v for g, v in h.items() if g in top},
+                  "other": sum(v for g, v in h.items() if g not in top)} for h in hists]
+        groups = [g for g in groups if g in top] + ["other"]
+    what = ", ".join(str(v) for v in (parts.get("partitioner"), parts.get("column") and
+                                      f"by {parts['column']!r}") if v)
+    title = "Training examples per client" + (f" ({what})" if what else "")
+    if not groups:
+        fig, (ax,) = _figure(1, height=3.6)
+        sizes = [_num(c.get("num_examples")) or 0.0 for c in clients]
+        if clients:
+            ax.bar(xs, sizes, color="tab:blue", label="examples")
+            ax.axhline(sum(sizes) / len(sizes), color="black", linestyle=":",
+                       label=f"mean ({sum(sizes) / len(sizes):.0f})")
+        ax.set(title=title, ylabel="examples")
+        return _save(fig, [ax], path, xlabel="client")
+    fig, (ax, ax2) = _figure(2)
+    fig.subplots_adjust(right=1 - 1.7 / 8)  # room for the legend right of the panels
+    ax2.sharex(ax)
+    bottom, share_bottom = [0.0] * len(clients), [0.0] * len(clients)
+    sums = [sum(h.values()) or 1.0 for h in hists]
+    for g in groups:
+        ys = [h.get(g, 0.0) for h in hists]
+        shares = [y / s for y, s in zip(ys, sums)]
+        color = "lightgray" if g == "other" else None
+        bar = ax.bar(xs, ys, bottom=bottom, label=g[:18], color=color, width=0.8)
+        ax2.bar(xs, shares, bottom=share_bottom, color=bar.patches[0].get_facecolor()
+                if bar.patches else color, width=0.8)
         bottom = [b + y for b, y in zip(bottom, ys)]
-    if not groups and clients:
-        ax.bar(xs, [_num(c.get("num_examples")) or 0 for c in clients], label="examples")
-    ax.set(title="Training examples per client" + (" (stacked by label)" if groups else ""),
-           ylabel="examples")
-    return _save(fig, [ax], path, xlabel="client", legend=len(groups) <= 12)
+        share_bottom = [b + y for b, y in zip(share_bottom, shares)]
+    ax.set(title=title, ylabel="examples")
+    ax2.set(title="Mix per client (share of its examples)", ylabel="share", ylim=(0, 1),
+            xlabel="client")
+    ax2.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles[::-1], labels[::-1], loc="upper left", fontsize=8,  # top = top
+               bbox_to_anchor=(1 - 1.6 / 8, 1 - 0.4 / fig.get_figheight()),
+               title=str(parts.get("column") or "group")[:18], title_fontsize=8)
+    return _save(fig, [ax], path, xlabel="client", legend=False)
 
 
 def write_plots(run_dir: str | Path) -> list[Path]:

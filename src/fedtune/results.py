@@ -132,10 +132,17 @@ def summarize(rows: list[dict], wall_seconds: float, extra: dict) -> dict:
     }
 
 
-def partition_report(parts) -> dict:
-    """partitions.json: per client the number of samples (and a histogram when labelled)."""
-    return {"clients": [{"client": i, "num_examples": len(p), "histogram": {}}
-                        for i, p in enumerate(parts)]}
+def partition_report(parts, column: str | None = None, label_names=None,
+                     partitioner: str | None = None) -> dict:
+    """partitions.json: per client the number of samples and, when `column` is set, the
+    examples per label/group (how non-IID the split is). `partitioner`: a title such as
+    `partition.describe(cfg.data)`."""
+    from fedtune.partition import groups, histogram
+
+    out = {"column": column, "groups": groups(parts, column, label_names), "clients": [
+        {"client": i, "num_examples": len(p), "histogram": histogram(p, column, label_names)}
+        for i, p in enumerate(parts)]}
+    return {"partitioner": partitioner, **out} if partitioner else out
 
 
 def manifest(cfg: Config, parts) -> dict:

@@ -21,6 +21,7 @@ import torch
 
 from fedtune.config import Config, TaskConfig
 from fedtune.data import DataError, pack_blocks
+from fedtune.scoring import encode_completion, encode_prompt
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -73,22 +74,6 @@ def class_index(value, label_names: list[str], where: str) -> int:
 
 
 # ---------------------------------------------------------------- token sequences
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """A prompt's tokens: the tokenizer's own leading special tokens (e.g. a BOS), no EOS."""
-    ids = tokenizer(text, verbose=False)["input_ids"]
-    if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return list(ids)
-
-
-def encode_completion(tokenizer, text: str, add_eos: bool) -> list[int]:
-    """A completion's tokens (tokenized apart from its prompt), optionally ending with EOS."""
-    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    if add_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
 
 def build_sequence(tokenizer, segments: list[tuple[str, bool]], seq_len: int,
                    eos_after_response: bool = True) -> dict | None:

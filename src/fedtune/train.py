@@ -14,14 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.config import TrainConfig
-from fedtune.tasks import collate
 
 
 def lr_for_round(server_round: int, num_rounds: int, cfg: TrainConfig) -> float:
-    """Constant, or cosine from `lr` (round 1) to `lr_min` (last round) across rounds."""
+    """Constant, or cosine / linear from `lr` (round 1) to `lr_min` (last round)."""
     if cfg.lr_schedule == "constant" or num_rounds <= 1:
         return cfg.lr
     progress = (server_round - 1) / (num_rounds - 1)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr + (cfg.lr_min - cfg.lr) * progress
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * progress))
 
 
@@ -63,6 +64,8 @@ def train_local(model, examples: list[dict], cfg: TrainConfig, lr: float, proxim
     FedProx: the client adds `mu/2 * ||w - w_global||^2` to its loss, where w_global are the
     trainable tensors as received this round. mu = 0 is exactly FedAvg's client.
     """
+    from fedtune.tasks import collate  # tasks -> scoring -> train (autocast): import late
+
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     if cfg.optimizer == "adamw":
