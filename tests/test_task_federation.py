@@ -1,0 +1,93 @@
+"""Each task through the server round loop (clients in-process): metrics, partitions, heads."""
+
+import json
+
+import pytest
+
+from fedtune import config as C, model as M
+from fedtune.federation import run_federation
+from test_federation import InProcessGrid, rows_of
+
+PROMPT = "task.prompt=\"Review: {text}\\nSentiment:\""
+
+
+def base(model_dir, source, out, *extra):
+    return C.load(None, [f"model.name={model_dir}", f"data.source={source}",
+                         "data.test_samples=12", "data.seq_len=48",
+                         "federation.num_clients=3", "federation.rounds=1",
+                         "train.local_steps=2", "train.batch_size=4", "train.lr=5e-3",
+                         "output.save_final=true", f"output.dir={out}", *extra])
+
+
+def test_prompt_classification_round_reports_scoring_generation_and_label_histograms(
+        tmp_path, tiny_model_dir, reviews_jsonl):
+    cfg = base(tiny_model_dir, reviews_jsonl, tmp_path / "run", "task.type=prompt-classification",
+               PROMPT, "task.label_names=['negative','positive']",
+               "lora.target_modules=['q_proj','v_proj']", "data.partitioner=dirichlet",
+               "data.dirichlet_alpha=0.3", "data.min_partition_size=2")
+    summary = run_federation(InProcessGrid(cfg), cfg)
+    rows = rows_of(tmp_path / "run")
+    for key in ("eval_loss", "eval_accuracy", "eval_f1_macro", "eval_mcc", "eval_gen_accuracy",
+                "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum"):
+        assert all(0 <= r[key] < 100 for r in rows), key
+    assert summary["rounds_completed"] == 1
+    parts = json.loads((tmp_path / "run" / "partitions.json").read_text())
+    assert parts["column"] == "label" and parts["groups"] == ["negative", "positive"]
+    assert sum(sum(c["histogram"].values()) for c in parts["clients"]) == 60 - 12
+    assert (tmp_path / "run" / "plots" / "partitions.png").stat().st_size > 10_000
+    assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
+
+
+def test_sequence_classification_lora_sends_the_classifier_head(tmp_path, tiny_bert_dir,
+                                                                reviews_jsonl):
+    cfg = base(tiny_bert_dir, reviews_jsonl, tmp_path / "run", "task.type=sequence-classification",
+               "task.text_columns=['text']", "task.label_names=['negative','positive']",
+               "lora.target_modules=['query','value']", "data.partitioner=natural",
+               "data.partition_by=domain")
+    model = M.load_model(cfg)
+    names = list(M.trainable_state(model))
+    assert any("classifier" in n for n in names) and any("lora_" in n for n in names)
+    # the seeded head is identical in every process that builds the model
+    again = M.trainable_state(M.load_model(cfg))
+    assert all((again[n] == t).all() for n, t in M.trainable_state(model).items())
+    run_federation(InProcessGrid(cfg), cfg)
+    rows = rows_of(tmp_path / "run")
+    assert {"eval_accuracy", "eval_f1_macro", "eval_mcc"} <= rows[1].keys()
+    assert -1 <= rows[1]["eval_mcc"] <= 1
+    parts = json.loads((tmp_path / "run" / "partitions.json").read_text())
+    assert [list(c["histogram"]) for c in parts["clients"]] == [["movies"], ["news"], ["shop"]]
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base_model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    loaded = PeftModel.from_pretrained(base_model, tmp_path / "run" / "final")
+    head = {n: p for n, p in loaded.named_parameters() if "classifier" in n and "modules_to_save" in n}
+    assert head, "the trained head is saved with the adapter"
+
+
+def test_instruction_round_uses_response_loss_and_group_partitions(tmp_path, tiny_model_dir):
+    src = tmp_path / "instr.jsonl"
+    with src.open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"instruction": f"Repeat the number {i}", "input": "",
+                                "output": f"{i} {i} {i}", "topic": f"t{i % 4}"}) + "\n")
+    cfg = base(tiny_model_dir, src, tmp_path / "run", "task.type=instruction",
+               "lora.target_modules=['q_proj','v_proj']", "data.partitioner=shards",
+               "data.partition_by=topic", "data.shards_per_client=1", "federation.num_clients=2",
+               "data.test_samples=8")
+    run_federation(InProcessGrid(cfg), cfg)
+    rows = rows_of(tmp_path / "run")
+    assert rows[1]["eval_loss"] < rows[0]["eval_loss"]   # 2 steps at 5e-3 on a trivial task
+    parts = json.loads((tmp_path / "run" / "partitions.json").read_text())
+    a, b = (c["histogram"] for c in parts["clients"])
+    assert "t3" not in a and "t0" not in b  # label-sorted shards: different topics per client
+
+
+def test_qlora_without_cuda_is_a_clear_error_before_anything_loads():
+    import torch
+
+    cfg = C.load("recipes/alpaca-qlora-fedavg.toml", check_paths=False)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # the error is about machines without it
+    with pytest.raises(M.ModelError, match="needs a CUDA GPU"):
+        M.check_runtime(cfg)
