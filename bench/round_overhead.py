@@ -38,8 +38,9 @@ def plain_loop(cfg) -> tuple[float, float, list]:
     """Same clients, steps, seeds, FedAvg and evaluation; no Flower, no Ray, no messages."""
     import torch
 
-    from fedtune import data, model as M
-    from fedtune.evaluate import eval_causal_lm
+    from fedtune import model as M, tasks
+    from fedtune.evaluate import evaluate_task
+    from fedtune.federation import load_data
     from fedtune.train import lr_for_round, train_local
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -47,16 +48,14 @@ def plain_loop(cfg) -> tuple[float, float, list]:
     tok = M.load_tokenizer(cfg.model.name)
     model = M.load_model(cfg)
     n = cfg.federation.num_clients
-    test, pool = data.split(data.load_source(cfg.data), cfg.data, cfg.train.seed)
-    parts = data.partitions(pool, cfg.data, n)
-    blocks = [data.pack_blocks(p, tok, cfg.data.text_column, cfg.data.seq_len) for p in parts]
-    test_blocks = data.pack_blocks(test, tok, cfg.data.text_column, cfg.data.seq_len)
-    if cfg.eval.max_blocks:
-        test_blocks = test_blocks[: cfg.eval.max_blocks]
+    test, parts, _ = load_data(cfg)
+    blocks = [tasks.encode(p, tok, cfg) for p in parts]
+    test_examples = tasks.encode(test, tok, cfg)[: cfg.eval.max_blocks or None]
+    test_rows = test.select(range(len(test_examples)))
     setup = time.perf_counter() - t_setup
+
     def evaluate():
-        return eval_causal_lm(model, test_blocks, cfg.eval.batch_size,
-                              cfg.train.precision)["eval_loss"]
+        return evaluate_task(model, tok, cfg, test_rows, test_examples)["eval_loss"]
 
     losses = [evaluate()]
     t0 = time.perf_counter()
@@ -67,7 +66,8 @@ def plain_loop(cfg) -> tuple[float, float, list]:
         for pid, b in enumerate(blocks):
             M.load_trainable_state(model, glob)
             train_local(model, b, cfg.train, lr_for_round(rnd, cfg.federation.rounds, cfg.train),
-                        0.0, seed=cfg.train.seed * 100_003 + rnd * 1_009 + pid)
+                        0.0, seed=cfg.train.seed * 100_003 + rnd * 1_009 + pid,
+                        pad_id=tok.pad_token_id)
             for k, v in M.trainable_state(model).items():
                 acc[k] += v * (len(b) / total)
         M.load_trainable_state(model, acc)

@@ -64,7 +64,7 @@ def test_override_without_equals_is_an_error():
 
 @pytest.mark.parametrize("override,needle", [
     ("federation.fraction=0", "federation.fraction"),
-    ("federation.rounds=0", "federation.rounds"),
+    ("federation.rounds=-1", "federation.rounds"),
     ("train.lr=-1", "train.lr"),
     ("lora.dropout=1.5", "lora.dropout"),
     ("model.finetune=half", "model.finetune"),

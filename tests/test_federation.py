@@ -10,37 +10,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from fedtune import config as C
 from fedtune.apps import client
 from fedtune.federation import build_strategy, run_federation
-
-
-class InProcessGrid:
-    """Hands each message straight to fedtune's ClientApp handler, like a SuperNode would."""
-
-    def __init__(self, cfg, fail_node=None):
-        from flwr.common.constant import SUPERLINK_NODE_ID
-        from flwr.supercore.task_identity import TaskIdentity
-
-        # what Flower's runtimes set before a ServerApp builds messages
-        TaskIdentity.task_id, TaskIdentity.run_id = 1, 1
-        TaskIdentity.node_id = SUPERLINK_NODE_ID
-        n = cfg.federation.num_clients
-        self.fail_node = fail_node
-        self.contexts = {
-            node: Context(run_id=1, node_id=node, state=RecordDict(),
-                          node_config={"partition-id": node - 1, "num-partitions": n},
-                          run_config={"config-json": cfg.to_json()})
-            for node in range(1, n + 1)}
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for m in messages:
-            if m.metadata.dst_node_id == self.fail_node:
-                replies.append(Message(Error(code=1, reason="client crashed"), reply_to=m))
-            else:
-                replies.append(client.train(m, self.contexts[m.metadata.dst_node_id]))
-        return replies
+from fedtune.inprocess import InProcessGrid
 
 
 def make_cfg(tiny_model_dir, code_jsonl, out, *extra):
@@ -114,13 +84,13 @@ def test_a_supernode_can_bring_its_own_data(tmp_path, tiny_model_dir, code_jsonl
         (own / name).write_text((stdlib / name).read_text())
     cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "run")
     tok = M.load_tokenizer(cfg.model.name)
-    mine = client._client_blocks(cfg, 1, tok, str(own))
-    shared = client._client_blocks(cfg, 1, tok)
+    mine = client._client_examples(cfg, 1, tok, str(own))
+    shared = client._client_examples(cfg, 1, tok)
     rows = data.load_source(C.load(None, [f"data.source={own}"]).data)
-    expected = data.pack_blocks(rows, tok, "text", cfg.data.seq_len)
-    assert torch.equal(mine, expected) and mine.shape != shared.shape
+    expected = data.pack_blocks(rows, tok, "text", cfg.data.seq_len).tolist()
+    assert [e["input_ids"] for e in mine] == expected and len(mine) != len(shared)
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="no files match"):
-        client._client_blocks(cfg, 1, tok, str(tmp_path / "empty"))
+        client._client_examples(cfg, 1, tok, str(tmp_path / "empty"))
     with pytest.raises(data.DataError, match="does not exist"):
-        client._client_blocks(cfg, 1, tok, str(tmp_path / "missing.jsonl"))
+        client._client_examples(cfg, 1, tok, str(tmp_path / "missing.jsonl"))

@@ -6,7 +6,8 @@ import pytest
 
 from fedtune import config as C, model as M
 from fedtune.federation import run_federation
-from test_federation import InProcessGrid, rows_of
+from fedtune.inprocess import InProcessGrid
+from test_federation import rows_of
 
 PROMPT = "task.prompt=\"Review: {text}\\nSentiment:\""
 
@@ -91,3 +92,34 @@ def test_qlora_without_cuda_is_a_clear_error_before_anything_loads():
         pytest.skip("this machine has CUDA")  # the error is about machines without it
     with pytest.raises(M.ModelError, match="needs a CUDA GPU"):
         M.check_runtime(cfg)
+
+
+def test_fedtune_eval_reproduces_the_runs_final_metrics_and_runs_mmlu(tmp_path, tiny_model_dir,
+                                                                       reviews_jsonl):
+    from fedtune.cli import main
+
+    cfg = base(tiny_model_dir, reviews_jsonl, tmp_path / "run", "task.type=prompt-classification",
+               PROMPT, "task.label_names=['negative','positive']",
+               "lora.target_modules=['q_proj','v_proj']", "eval.generate=false")
+    run_federation(InProcessGrid(cfg), cfg)
+    last = rows_of(tmp_path / "run")[-1]
+    questions = tmp_path / "mc.jsonl"
+    with questions.open("w") as f:
+        for i in range(6):
+            f.write(json.dumps({"question": f"What is {i} + 1?", "subject": "elementary_mathematics",
+                                "choices": [str(i), str(i + 1), str(i + 2), "none"],
+                                "answer": "B"}) + "\n")
+    code = main(["eval", str(tmp_path / "run"), "--suite", "task,mmlu",
+                 "--set", f"eval.mmlu_source={questions}"])
+    assert code == 0
+    got = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
+    assert got["trained"] is True
+    for key in ("eval_loss", "eval_accuracy", "eval_mcc"):
+        assert got["task"][key] == pytest.approx(last[key], rel=1e-5), key
+    assert 0 <= got["eval_mmlu_accuracy"] <= 1
+    detail = json.loads((tmp_path / "run" / "eval" / "mmlu-round-final.json").read_text())
+    assert detail["num_questions"] == 6 and "STEM" in detail["by_category"]
+    # a base model by path: evaluated untrained, results in --out
+    assert main(["eval", str(tiny_model_dir), "--suite", "mmlu", "--out", str(tmp_path / "base"),
+                 "--set", f"eval.mmlu_source={questions}"]) == 0
+    assert json.loads((tmp_path / "base" / "eval" / "summary.json").read_text())["trained"] is False

@@ -1,4 +1,4 @@
-"""`fedtune` command line: run | validate | deploy | report | eval | keys.
+"""`fedtune` command line: run | validate | deploy | compare | report | eval | keys.
 
 Heavy imports (torch, transformers, flwr) happen only after the recipe validated, so a bad
 key fails in about a second.
@@ -36,9 +36,14 @@ def cmd_run(args) -> int:
     print(f"[fedtune] {args.recipe or args.resume}: {cfg.federation.num_clients} clients, "
           f"{cfg.federation.rounds} rounds, {cfg.model.finetune} fine-tuning of "
           f"{cfg.model.name} on {cfg.data.source} -> {cfg.output.dir}", flush=True)
-    from fedtune.simulation import run_simulation
+    if args.engine == "inprocess":
+        from fedtune.inprocess import run_inprocess
 
-    summary = run_simulation(cfg)
+        summary = run_inprocess(cfg)
+    else:
+        from fedtune.simulation import run_simulation
+
+        summary = run_simulation(cfg)
     keys = ("rounds_completed", "best_round", "best_eval_loss", "total_wall_seconds",
             "total_bytes_down", "total_bytes_up", "final_model")
     print(json.dumps({k: summary[k] for k in keys} | {
@@ -77,6 +82,34 @@ def cmd_report(args) -> int:
     return report_main(args.runs)
 
 
+def cmd_compare(args) -> int:
+    from fedtune import config as C
+
+    sets = list(args.set)
+    if args.out:
+        sets.append(f"output.dir={Path(args.out).absolute()}")
+    cfg = C.load(args.recipe, sets)
+    arms = [a for part in (args.arms or []) for a in part.split(",") if a] or cfg.compare.arms
+    seeds = args.seeds or cfg.compare.seeds
+    problems = [f"unknown arm {a!r}" for a in arms if a not in C.FIXED_ARMS + C.STRATEGIES]
+    if not arms:
+        problems.append("no arms: give --arms a,b or a [compare] arms list in the recipe")
+    if problems:
+        raise C.ConfigError(problems + [f"known arms: {', '.join(C.FIXED_ARMS + C.STRATEGIES)}"])
+    if "fedkd-lora" in arms and not cfg.kd.teacher_data_pct:
+        raise C.ConfigError(["arm fedkd-lora needs `kd.teacher_data_pct` > 0 (the public "
+                             "slice its teacher trains on; every arm's clients then exclude it)"])
+    from fedtune.compare import run_compare
+
+    print(f"[fedtune] compare {args.recipe}: arms {', '.join(arms)} x {seeds} seed(s) -> "
+          f"{Path(cfg.output.dir).absolute()}", flush=True)
+    result = run_compare(cfg, arms, seeds, echo=lambda s: print(f"[fedtune] {s}", flush=True))
+    root = Path(cfg.output.dir).absolute()
+    print((root / "comparison.md").read_text())
+    failed = [a for a, r in result["arms"].items() if r["status"] != "ok"]
+    return 1 if failed and len(failed) == len(arms) else 0
+
+
 def cmd_eval(args) -> int:
     from fedtune.evaluate import evaluate_saved
 
@@ -112,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run":
             p.add_argument("--resume", metavar="RUN_DIR",
                            help="continue a stopped or killed run from its latest checkpoint")
+            p.add_argument("--engine", choices=["simulation", "inprocess"],
+                           default="simulation", help="simulation: Flower's Simulation Engine "
+                           "(default); inprocess: clients called in this process, one after "
+                           "another, no Ray (debugging, non-federated baselines)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("deploy", help="run a recipe on Flower's Deployment Engine")
     p.add_argument("where", choices=["local"], help="local: SuperLink + SuperNodes as "
@@ -127,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
                        "overlay several runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("compare", help="run several arms (baselines, strategies, FedKD) "
+                       "on the same data and seeds; write comparison.json/.md and plots")
+    p.add_argument("recipe")
+    p.add_argument("--arms", action="append", help="comma-separated: pretrained, "
+                   "centralized, local-only, fedavg-full, fedlora, fedkd-lora, or a strategy "
+                   "(default: the recipe's [compare] arms)")
+    p.add_argument("--seeds", type=int, help="seeds per arm (default: [compare] seeds)")
+    p.add_argument("--out", help="comparison folder (default: the recipe's output.dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("eval", help="evaluate a run's final model, or a base model, on "
                        "benchmark suites (mmlu) and/or the recipe's test split (task)")
     p.add_argument("target", help="a run folder (uses its config.toml and final/), or a "

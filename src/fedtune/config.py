@@ -73,6 +73,10 @@ class DataConfig:
     dirichlet_alpha: float = _f(0.5, "Dirichlet concentration: small = skewed clients")
     shards_per_client: int = _f(2, "`shards`: label-sorted shards per client (k labels)")
     min_partition_size: int = _f(1, "`dirichlet`: resample until every client has this many")
+    merge_partitions: list = _f([], "baselines: train ONE client on these partitions (ids of "
+                                "the `split_clients`-way split) merged: all ids = centralized, "
+                                "[i] = client i alone (local-only)")
+    split_clients: int = _f(0, "with merge_partitions: how many ways the data is split")
     seq_len: int = _f(128, "tokens per packed training block")
 
 
@@ -102,7 +106,7 @@ class TaskConfig:
 @dataclass
 class FederationConfig:
     num_clients: int = _f(3, "number of clients (SuperNodes); the data is split this many ways")
-    rounds: int = _f(3, "federated rounds")
+    rounds: int = _f(3, "federated rounds (0 = only evaluate the initial model)")
     fraction: float = _f(1.0, "fraction of clients sampled for training each round")
     client_cpus: float = _f(1.0, "CPUs reserved per simulated client (Ray resources)")
     client_threads: int = _f(1, "torch threads inside each client (0 = torch's default)")
@@ -166,11 +170,37 @@ class OutputConfig:
     resume: bool = _f(False, "continue the run in `dir` from its latest checkpoint")
 
 
+@dataclass
+class KDConfig:
+    enabled: bool = _f(False, "FedKD: clients distil a teacher into their (LoRA) student")
+    teacher: str = _f("", "teacher model (hub id, folder, offline:NAME; \"\" = model.name); "
+                      "full fine-tuned on the public slice, needs the student's tokenizer")
+    teacher_data_pct: float = _f(0.0, "share of the client pool treated as public (the first "
+                                 "part after the test split): teacher data, removed from "
+                                 "every client partition")
+    teacher_epochs: float = _f(1.0, "teacher fine-tuning epochs on the public slice")
+    teacher_lr: float = _f(2e-5, "teacher learning rate")
+    teacher_batch_size: int = _f(16, "teacher batch size")
+    temperature: float = _f(2.0, "distillation temperature T")
+    lambda_: float = _f(0.5, "weight of the KD term: (1-lambda)*CE + lambda*T^2*KL "
+                        "(recipe key `lambda`)")
+
+
+@dataclass
+class CompareConfig:
+    arms: list = _f([], "arms of `fedtune compare`: pretrained, centralized, local-only, "
+                    "fedavg-full, fedlora, fedkd-lora, or a strategy name (fedprox, ...)")
+    seeds: int = _f(1, "seeds per arm (train.seed, +1, ...); mean and std over them")
+    metric: str = _f("", "the headline metric (\"\" = eval_accuracy for classification, "
+                     "else eval_loss)")
+
+
 SECTIONS = {
     "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "task": TaskConfig,
     "federation": FederationConfig, "train": TrainConfig, "strategy": StrategyConfig,
-    "eval": EvalConfig, "output": OutputConfig,
+    "eval": EvalConfig, "output": OutputConfig, "kd": KDConfig, "compare": CompareConfig,
 }
+ALIASES = {("kd", "lambda"): "lambda_"}  # recipe keys that are Python keywords
 
 
 @dataclass
@@ -184,9 +214,14 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for (section, key), attr in ALIASES.items():
+            d[section][key] = d[section].pop(attr)
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -228,6 +263,7 @@ def from_dict(raw: dict, problems: list[str] | None = None) -> Config:
         target = getattr(cfg, section)
         hints = typing.get_type_hints(type(target))
         for key, value in sub.items():
+            key = ALIASES.get((section, key), key)
             if key not in hints:
                 known = ", ".join(f.name for f in fields(target))
                 problems.append(f"unknown key `{section}.{key}`; known: {known}")
@@ -258,7 +294,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides:
         path, value = parse_override(item)
         if len(path) == 2 and path[0] in SECTIONS:
-            hint = typing.get_type_hints(SECTIONS[path[0]]).get(path[1])
+            attr = ALIASES.get((path[0], path[1]), path[1])
+            hint = typing.get_type_hints(SECTIONS[path[0]]).get(attr)
             if hint is str and not isinstance(value, str):
                 value = item.split("=", 1)[1].strip()  # output.dir=123 stays the string "123"
         node = raw
@@ -411,6 +448,39 @@ def _check_task(cfg: Config) -> list[str]:
     return p
 
 
+FIXED_ARMS = ("pretrained", "centralized", "local-only", "fedavg-full", "fedlora", "fedkd-lora")
+
+
+def _check_kd_and_compare(cfg: Config) -> list[str]:
+    k, c, d, p = cfg.kd, cfg.compare, cfg.data, []
+    if not 0 <= k.teacher_data_pct < 1:
+        p.append(f"`kd.teacher_data_pct` must be in [0, 1), got {k.teacher_data_pct}")
+    if k.enabled and k.teacher_data_pct == 0:
+        p.append("`kd.enabled` needs `kd.teacher_data_pct` > 0: the teacher trains on that "
+                 "public slice")
+    for key in ("temperature", "teacher_lr", "teacher_epochs", "teacher_batch_size"):
+        _positive(p, f"kd.{key}", getattr(k, key))
+    if not 0 <= k.lambda_ <= 1:
+        p.append(f"`kd.lambda` must be in [0, 1], got {k.lambda_}")
+    for arm in c.arms:
+        if arm not in FIXED_ARMS and arm not in STRATEGIES:
+            p.append(f"`compare.arms`: unknown arm {arm!r}; known: "
+                     f"{', '.join(FIXED_ARMS + STRATEGIES)}")
+    _positive(p, "compare.seeds", c.seeds)
+    if c.metric and not c.metric.startswith("eval_"):
+        p.append(f"`compare.metric` = {c.metric!r} must be a centralized metric (eval_...)")
+    if d.merge_partitions:
+        n = d.split_clients
+        if n < 1:
+            p.append("`data.merge_partitions` needs `data.split_clients` (how many ways the "
+                     "data is split)")
+        elif not all(isinstance(i, int) and 0 <= i < n for i in d.merge_partitions):
+            p.append(f"`data.merge_partitions` ids must be in 0..{n - 1}: {d.merge_partitions}")
+        if cfg.federation.num_clients != 1:
+            p.append("`data.merge_partitions` trains one client: set `federation.num_clients = 1`")
+    return p
+
+
 def _choice(problems, key, value, choices):
     if value not in choices:
         problems.append(f"`{key}` = {value!r} is not one of {', '.join(choices)}")
@@ -438,9 +508,10 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     _choice(p, "train.optimizer", t.optimizer, ("adamw", "sgd"))
     _choice(p, "train.lr_schedule", t.lr_schedule, ("constant", "cosine", "linear"))
     _choice(p, "train.precision", t.precision, ("fp32", "bf16"))
+    _positive(p, "federation.rounds", fed.rounds, allow_zero=True)
     for key, value in [("lora.r", cfg.lora.r), ("lora.alpha", cfg.lora.alpha),
                        ("data.seq_len", d.seq_len), ("federation.num_clients", fed.num_clients),
-                       ("federation.rounds", fed.rounds), ("federation.client_cpus",
+                       ("federation.client_cpus",
                        fed.client_cpus), ("train.batch_size", t.batch_size),
                        ("train.grad_accum", t.grad_accum), ("train.lr", t.lr),
                        ("eval.batch_size", cfg.eval.batch_size)]:
@@ -478,6 +549,7 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     if not all(isinstance(x, str) for x in cfg.lora.target_modules) or not cfg.lora.target_modules:
         p.append("`lora.target_modules` must be a non-empty list of module names")
     p += _check_strategy(cfg.strategy)
+    p += _check_kd_and_compare(cfg)
     p += _check_early_stopping(t.early_stopping)
     o = cfg.output
     _positive(p, "output.save_every", o.save_every, allow_zero=True)
@@ -536,7 +608,9 @@ def describe() -> str:
     lines = []
     for section, cls in SECTIONS.items():
         lines.append(f"[{section}]")
+        names = {attr: key for (sec, key), attr in ALIASES.items() if sec == section}
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()
-            lines.append(f"  {f.name} = {json.dumps(default)}  # {f.metadata['help']}")
+            lines.append(f"  {names.get(f.name, f.name)} = {json.dumps(default)}  "
+                         f"# {f.metadata['help']}")
     return "\n".join(lines)

@@ -36,6 +36,10 @@ def prepare(cfg: C.Config) -> None:
     # Data errors (missing column, empty partition) surface here, before Ray starts.
     load_data(cfg)
     assets.resolve_model(cfg.model.name)
+    if cfg.kd.enabled:  # train (or find) the teacher once, before any client needs it
+        from fedtune import kd
+
+        kd.ensure_teacher(cfg, log=lambda s: print(f"[fedtune] {s}", flush=True))
 
 
 def run_simulation(cfg: C.Config) -> dict:

@@ -30,6 +30,7 @@ log = logging.getLogger("fedtune")
 app = ClientApp()
 
 _MODELS: dict[str, tuple] = {}  # model+lora json -> (model, tokenizer)
+_TEACHERS: dict[str, object] = {}  # teacher key -> frozen teacher (FedKD)
 _EXAMPLES: dict[tuple, list] = {}  # (data, task, tokenizer, seed, clients, pid) -> examples
 
 
@@ -106,6 +107,15 @@ def train(msg: Message, context: Context) -> Message:
                                 str(context.node_config.get("data-path", "")))
     t2 = time.perf_counter()
 
+    loss_fn = None
+    if cfg.kd.enabled:
+        from fedtune import kd
+
+        key = kd.teacher_key(cfg)
+        if key not in _TEACHERS:
+            _TEACHERS.clear()
+            _TEACHERS[key] = kd.load_teacher(cfg)
+        loss_fn = kd.loss_fn(_TEACHERS[key], cfg)
     M.load_trainable_state(model, M.from_arrays(msg.content["arrays"]))
     conf = msg.content["config"]
     rnd = int(conf["server-round"])
@@ -113,6 +123,7 @@ def train(msg: Message, context: Context) -> Message:
         model, examples, cfg.train, lr=float(conf["lr"]),
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
         seed=cfg.train.seed * 100_003 + rnd * 1_009 + pid, pad_id=tokenizer.pad_token_id,
+        loss_fn=loss_fn,
         log_every=max(1, cfg.train.local_steps // 4) if cfg.train.local_steps else 10,
         log=lambda s: print(f"[client {pid}] round {rnd} {s}", flush=True),
     )
