@@ -118,3 +118,11 @@ def test_a_client_gets_the_dirichlet_partition_the_server_reports(tmp_path):
         part, _ = data.client_and_test(cfg.data, 4, 5, pid, column="label",
                                        required=("text", "label"))
         assert list(part["id"]) == list(server[pid]["id"])
+
+
+def test_unreachable_hub_dataset_is_a_clear_error_not_a_traceback(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = C.load(None, ["data.source=nyu-mll/glue", "data.subset=mrpc"])
+    with pytest.raises(data.DataError, match="cannot load `data.source` = 'nyu-mll/glue'.*HF_HUB_OFFLINE"):
+        data.load_source(cfg.data)

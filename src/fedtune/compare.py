@@ -49,7 +49,8 @@ def clients_per_round(cfg: C.Config) -> int:
 def arm_runs(base: C.Config, arm: str, seed: int, root: Path) -> list[tuple[str, dict, str]]:
     """(name, resolved config dict, engine) of every sub-run an arm needs for one seed."""
     raw = base.to_dict()
-    raw["compare"] = {"arms": [], "seeds": 1, "metric": ""}
+    raw["compare"] = {"arms": [], "seeds": 1, "metric": "", "overrides": {}}
+    raw = C.apply_overrides(raw, base.compare.overrides.get(arm, []))
     raw["train"]["seed"] = seed
     raw["output"].update(resume=False, overwrite=True)
     raw["kd"]["enabled"] = False
@@ -61,6 +62,7 @@ def arm_runs(base: C.Config, arm: str, seed: int, root: Path) -> list[tuple[str,
             section, key = dotted.split("__")
             r[section][key] = value
         r["output"]["dir"] = str(root / name)
+        C.from_dict(r)  # a bad per-arm override fails here, naming the key
         return name, r, engine
 
     tag = f"seed{seed}"
@@ -160,6 +162,8 @@ def run_compare(base: C.Config, arms: list[str], seeds: int, echo=print) -> dict
     root.mkdir(parents=True, exist_ok=True)
     metric, mode = headline_metric(base), C.metric_mode(headline_metric(base))
     t_start = time.perf_counter()
+    for arm in arms:  # every derived config must parse before anything runs
+        arm_runs(base, arm, base.train.seed, root)
     results = {}
     for arm in arms:
         per_seed, failures = [], []

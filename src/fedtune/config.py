@@ -193,6 +193,7 @@ class CompareConfig:
     seeds: int = _f(1, "seeds per arm (train.seed, +1, ...); mean and std over them")
     metric: str = _f("", "the headline metric (\"\" = eval_accuracy for classification, "
                      "else eval_loss)")
+    overrides: dict = _f({}, "per-arm recipe changes, e.g. { fedlora = [\"train.lr=5e-4\"] }")
 
 
 SECTIONS = {
@@ -467,6 +468,12 @@ def _check_kd_and_compare(cfg: Config) -> list[str]:
             p.append(f"`compare.arms`: unknown arm {arm!r}; known: "
                      f"{', '.join(FIXED_ARMS + STRATEGIES)}")
     _positive(p, "compare.seeds", c.seeds)
+    for arm, items in c.overrides.items():
+        if arm not in FIXED_ARMS and arm not in STRATEGIES:
+            p.append(f"`compare.overrides`: unknown arm {arm!r}")
+        elif not isinstance(items, list) or not all(isinstance(x, str) and "=" in x
+                                                    for x in items):
+            p.append(f"`compare.overrides.{arm}` must be a list of \"section.key=value\"")
     if c.metric and not c.metric.startswith("eval_"):
         p.append(f"`compare.metric` = {c.metric!r} must be a centralized metric (eval_...)")
     if d.merge_partitions:

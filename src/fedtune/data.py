@@ -8,6 +8,7 @@ the split deterministically from the config, so no raw data ever travels.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -46,7 +47,13 @@ def load_source(cfg: DataConfig, required: tuple[str, ...] | None = None) -> Dat
                                 f"{', '.join(kinds)} or a folder")
             ds = load_dataset(kinds[path.suffix], data_files=str(path), split="train")
     else:
-        ds = load_dataset(src, cfg.subset or None, split=cfg.split)
+        try:
+            ds = load_dataset(src, cfg.subset or None, split=cfg.split)
+        except (ConnectionError, FileNotFoundError, ValueError) as err:
+            hint = (" (HF_HUB_OFFLINE=1 is set: hub datasets only work from the local cache)"
+                    if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
+            raise DataError(f"cannot load `data.source` = {src!r} (subset {cfg.subset!r}, "
+                            f"split {cfg.split!r}): {err}{hint}") from None
     for col in (cfg.text_column,) if required is None else required:
         if col not in ds.column_names:
             raise DataError(f"column {col!r} is not in {src!r}; its columns are: "
