@@ -84,17 +84,45 @@ def _flower_and_ray_pids() -> dict[int, str]:
     return found
 
 
+def _has_env(pid: int, token: bytes) -> bool:
+    """Did `pid` inherit this session's marker variable (children of children, orphans too)?"""
+    try:
+        return token in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Is `pid` a child, grandchild, ... of `ancestor` (Linux /proc)?"""
+    for _ in range(64):
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid <= 1:
+            return False
+    return False
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_running():
-    """Safety net: whatever Flower or Ray process a test started and a failure left behind
-    is killed when the session ends (the tests themselves tear down what they start)."""
+    """Safety net: whatever Flower or Ray process THIS session started and a failure left
+    behind is killed when the session ends: descendants of this process, and orphans that
+    inherited this session's marker variable. Other test sessions are left alone."""
     import signal
     import time
+    import uuid
 
+    token = f"fedtune-test-{uuid.uuid4().hex}"
+    os.environ["FEDTUNE_TEST_SESSION"] = token
     before = set(_flower_and_ray_pids())
     yield
     time.sleep(1)
-    left = {p: c for p, c in _flower_and_ray_pids().items() if p not in before}
+    me, mark = os.getpid(), f"FEDTUNE_TEST_SESSION={token}".encode()
+    left = {p: c for p, c in _flower_and_ray_pids().items()
+            if p not in before and (_descends_from(p, me) or _has_env(p, mark))}
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -40,8 +40,8 @@ TASK_DEMOS = {
     "demo-prompt-sentiment.toml": (["data.max_samples=400", "data.test_samples=48",
                                     "data.min_partition_size=20", "train.local_steps=6"],
                                    "eval_accuracy", "max"),
-    "demo-encoder-sentiment.toml": (["data.max_samples=1200", "data.test_samples=160",
-                                     "train.local_steps=12"], "eval_accuracy", "max"),
+    "demo-encoder-sentiment.toml": (["data.max_samples=1600", "data.test_samples=200",
+                                     "train.local_steps=20"], "eval_accuracy", "max"),
 }
 
 

@@ -231,7 +231,8 @@ def markdown(c: dict) -> str:
              f"{c['num_clients']} clients, {c['rounds']} rounds, {c['seeds']} seed(s); "
              f"headline metric `{m}` ({arrow}), on the server's test split after the last "
              "round; mean ± std over seeds.", "",
-             f"| arm | {m} (final) | best | round of best | runtime (s) | MB communicated | status |",
+             f"| arm | {m} (final) | best | round of best | runtime (s) | MB communicated "
+             "| status |",
              "|---|---|---|---|---|---|---|"]
     for arm, r in arms.items():
         if r["status"] != "ok":

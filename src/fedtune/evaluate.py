@@ -86,7 +86,8 @@ def eval_prompt_classification(model, tokenizer, rows, examples: list[dict], cfg
                                 batch_size=e.batch_size, precision=prec)
         refs = [t.label_names[k] for k in golds]
         norm = [x.strip().lower() for x in texts]
-        out["eval_gen_accuracy"] = sum(n == r.strip().lower() for n, r in zip(norm, refs)) / len(refs)
+        hits = sum(n == r.strip().lower() for n, r in zip(norm, refs))
+        out["eval_gen_accuracy"] = hits / len(refs)
         out.update({f"eval_{k}": v for k, v in rouge(texts, refs).items()})
     return out
 

@@ -166,6 +166,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int,
             gen = model.generate(input_ids=ids.to(model.device),
                                  attention_mask=mask.to(model.device),
                                  max_new_tokens=max_new_tokens, do_sample=False,
+                                 use_cache=True,  # load_model turns the cache off for training
                                  pad_token_id=pad, eos_token_id=eos or None)
         for r, i in enumerate(batch):
             out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip()
