@@ -117,6 +117,7 @@ def test_fedkd_round_trains_the_teacher_once_and_distils_into_lora(tmp_path, mon
     folder = kd.ensure_teacher(cfg, log=lambda s: None)
     info = json.loads((folder / "fedtune-teacher.json").read_text())
     assert info["public_samples"] == round(0.25 * 50) and info["steps"] >= 1
+    assert 0 <= info["test_metrics"]["eval_accuracy"] <= 1  # the teacher scored on the test split
     stamp = (folder / "config.json").stat().st_mtime_ns
     assert kd.ensure_teacher(cfg, log=lambda s: pytest.fail("retrained")) == folder
     assert (folder / "config.json").stat().st_mtime_ns == stamp
@@ -197,3 +198,58 @@ arms = ["pretrained", "centralized", "local-only", "fedkd-lora"]
     assert "**failed**" in md and "| centralized | " in md and "n/a | n/a" not in md
     assert (tmp_path / "cmp" / "plots" / "comparison_metric.png").exists()
     assert (tmp_path / "cmp" / "plots" / "comparison_cost.png").exists()
+    # `fedtune report` on a comparison folder rewrites the table and plots from the JSON
+    (tmp_path / "cmp" / "comparison.md").write_text("stale")
+    from fedtune.cli import main
+
+    assert main(["report", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "comparison.md").read_text() == md
+
+
+def test_comparison_summaries_mean_worst_client_and_rounds_to_best():
+    from fedtune import compare
+
+    def run(values, seconds=10.0, mb=1.0):
+        return {"rows": [{"round": i, "eval_accuracy": v, "eval_loss": 1 - v}
+                         for i, v in enumerate(values)], "seconds": seconds, "megabytes": mb,
+                "run_dir": "x"}
+
+    # local-only: two clients alone; the table shows their mean and the worst one
+    s = compare._summarize_seed([run([0.5, 0.7, 0.6]), run([0.5, 0.9, 0.8])],
+                                "eval_accuracy", "max")
+    assert s["final"] == pytest.approx(0.7) and s["worst_client"] == pytest.approx(0.6)
+    assert s["best_round"] == 1 and s["best"] == pytest.approx(0.8)
+    assert s["seconds"] == 20.0 and s["final_metrics"]["eval_loss"] == pytest.approx(0.3)
+    one = compare._summarize_seed([run([0.6, 0.6, 0.7])], "eval_loss", "min")
+    assert one["worst_client"] is None and one["best_round"] == 2   # lower loss is better
+    assert compare._best([(0, 1.0), (1, 0.5), (2, 0.5)], "min") == (1, 0.5)  # earliest on ties
+    table = compare.markdown({
+        "task": "t", "model": "m", "num_clients": 2, "rounds": 2, "seeds": 2,
+        "metric": "eval_accuracy", "mode": "max", "teacher": {},
+        "arms": {"fedlora": {"status": "ok", "final_mean": 0.7, "final_std": 0.05,
+                             "best_mean": 0.75, "best_round_mean": 1.5,
+                             "worst_client_mean": None, "seconds_mean": 12.0,
+                             "megabytes_mean": 3.5, "final_metrics_mean": {"eval_accuracy": 0.7}},
+                 "fedkd-lora": {"status": "failed", "error": "KDError: boom"}}})
+    assert "| fedlora | 0.7000 ± 0.0500 | 0.7500 | 1.5 | 12 | 3.5 | ok |" in table
+    assert "| fedkd-lora | — | — | — | — | — | **failed**: KDError: boom |" in table
+
+
+def test_arm_configs_share_data_and_seed_and_differ_only_where_named(tmp_path):
+    from fedtune import compare
+
+    base = C.load("recipes/compare-encoder-fedkd.toml", [f"output.dir={tmp_path}"],
+                  check_paths=False)
+    cfgs = {arm: [C.from_dict(raw) for _, raw, _ in compare.arm_runs(base, arm, 0, tmp_path)]
+            for arm in C.FIXED_ARMS}
+    full, lora, fkd = cfgs["fedavg-full"][0], cfgs["fedlora"][0], cfgs["fedkd-lora"][0]
+    assert (full.model.finetune, lora.model.finetune, fkd.model.finetune) == ("full", "lora", "lora")
+    assert fkd.kd.enabled and not lora.kd.enabled and lora.train.lr == 3e-3  # per-arm override
+    for c in [full, lora, fkd, *cfgs["centralized"], *cfgs["pretrained"]]:
+        assert c.data == base.data or c.data.merge_partitions  # same data, same split
+        assert c.kd.teacher_data_pct == 0.2 and c.train.seed == 0
+    [cent] = cfgs["centralized"]
+    assert cent.data.merge_partitions == [0, 1, 2, 3] and cent.federation.num_clients == 1
+    assert cent.train.local_steps == 4 * base.train.local_steps
+    assert [c.data.merge_partitions for c in cfgs["local-only"]] == [[0], [1], [2], [3]]
+    assert cfgs["pretrained"][0].federation.rounds == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -100,10 +101,12 @@ def _run_one(name: str, raw: dict, engine: str, root: Path, echo) -> dict:
     t0 = time.perf_counter()
     with log_path.open("w") as log, subprocess.Popen(
             [sys.executable, "-m", "fedtune.cli", "run", str(cfg_path), "--engine", engine],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
         for line in proc.stdout:
             log.write(line)
-            if line.startswith("[fedtune] round ") or "fedtune:" in line:
+            if line.startswith(("[fedtune] round ", "[fedtune] teacher", "fedtune:",
+                                "[fedtune] training the KD teacher")):
                 echo(f"  {name}: {line[len('[fedtune] '):].rstrip()}"
                      if line.startswith("[fedtune]") else f"  {name}: {line.rstrip()}")
     seconds = time.perf_counter() - t0
@@ -205,7 +208,17 @@ def run_compare(base: C.Config, arms: list[str], seeds: int, echo=print) -> dict
                                    for key in per_seed[0]["final_metrics"]},
             "seeds": per_seed,
         }
+    teacher = {}
+    if "fedkd-lora" in arms:  # the teacher's own score: what the students distil from
+        from fedtune import kd
+
+        for k in range(seeds):
+            _, raw, _ = arm_runs(base, "fedkd-lora", base.train.seed + k, root)[0]
+            info = kd.teacher_dir(C.from_dict(raw)) / "fedtune-teacher.json"
+            if info.exists():
+                teacher[str(base.train.seed + k)] = json.loads(info.read_text())
     comparison = {"recipe_hash": base.hash(), "metric": metric, "mode": mode,
+                  "teacher": teacher,
                   "arms": results, "seeds": seeds, "task": base.task.type,
                   "model": base.model.name, "rounds": base.federation.rounds,
                   "num_clients": base.federation.num_clients,
@@ -243,6 +256,11 @@ def markdown(c: dict) -> str:
             final += f" (worst client {_f(r['worst_client_mean'])})"
         lines.append(f"| {arm} | {final} | {_f(r['best_mean'])} | {_f(r['best_round_mean'], '.1f')}"
                      f" | {_f(r['seconds_mean'], '.0f')} | {_f(r['megabytes_mean'], '.1f')} | ok |")
+    for seed, t in c.get("teacher", {}).items():
+        score = t.get("test_metrics", {}).get(m)
+        lines += ["", f"KD teacher (seed {seed}): {t['teacher']} fully fine-tuned on the public "
+                  f"slice ({t['public_samples']} samples, {t['steps']} steps, "
+                  f"{t['seconds']:.0f} s): {m} {_f(score)} on the same test split."]
     keys = sorted({k for r in arms.values() if r["status"] == "ok"
                    for k in r["final_metrics_mean"]})
     if keys:
@@ -281,6 +299,14 @@ def write_plots(c: dict, out: Path) -> list[Path]:
             lo = [min(cv[i][1] for cv in curves) for i in range(len(rounds))]
             hi = [max(cv[i][1] for cv in curves) for i in range(len(rounds))]
             ax.fill_between(rounds, lo, hi, alpha=0.15, color=line.get_color())
+    teacher = [t.get("test_metrics", {}).get(c["metric"]) for t in c.get("teacher", {}).values()]
+    teacher = [v for v in teacher if v is not None]
+    if teacher:
+        ax.axhline(statistics.fmean(teacher), ls=":", lw=1.5, color="black",
+                   label="KD teacher (public slice)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(c["metric"])
     ax.set_title(f"{c['metric']} per round (server test split; band = min-max over seeds)")
@@ -293,15 +319,31 @@ def write_plots(c: dict, out: Path) -> list[Path]:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     names = list(ok)
-    a1.bar(names, [ok[a]["seconds_mean"] for a in names], color="tab:blue")
+    seconds = [ok[a]["seconds_mean"] for a in names]
+    mb = [ok[a]["megabytes_mean"] for a in names]
+    bars1 = a1.bar(names, seconds, color="tab:blue")
     a1.set_title("runtime per arm (s, mean over seeds)")
-    a2.bar(names, [ok[a]["megabytes_mean"] for a in names], color="tab:orange")
-    a2.set_title("communication per arm (MB, down + up)")
+    bars2 = a2.bar(names, mb, color="tab:orange")
+    positive = [v for v in mb if v > 0]
+    if positive and max(positive) > 100 * min(positive):  # LoRA vs full: 100-1000x apart
+        a2.set_yscale("log")
+    a2.set_title("communication per arm (MB, down + up" +
+                 (", log scale)" if a2.get_yscale() == "log" else ")"))
+    a1.bar_label(bars1, labels=[f"{v:.0f}" for v in seconds])
+    a2.bar_label(bars2, labels=[f"{v:.1f}" for v in mb])
     for ax in (a1, a2):
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
+        ax.margins(y=0.15)
     fig.tight_layout()
     paths.append(out / "comparison_cost.png")
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def rewrite(root: Path) -> list[Path]:
+    """`fedtune report COMPARE_DIR`: comparison.md and plots again from comparison.json."""
+    c = json.loads((root / "comparison.json").read_text())
+    (root / "comparison.md").write_text(markdown(c))
+    return [root / "comparison.md", *write_plots(c, root / "plots")]

@@ -113,6 +113,7 @@ def check_pair(cfg: Config, teacher_tokenizer, student_tokenizer) -> None:
 def ensure_teacher(cfg: Config, log=print) -> Path:
     """The trained teacher's folder: from the cache, or trained now on the public slice."""
     from fedtune import model as M, tasks
+    from fedtune.evaluate import evaluate_task
     from fedtune.federation import load_data
     from fedtune.train import train_local
 
@@ -132,14 +133,21 @@ def ensure_teacher(cfg: Config, log=print) -> Path:
                       seed=cfg.train.seed, pad_id=tokenizer.pad_token_id,
                       log_every=max(1, len(examples) // (4 * tcfg.train.batch_size)),
                       log=lambda s: log(f"teacher {s}"))
+    seconds = time.perf_counter() - t0
+    test, _, _ = load_data(cfg)  # how good is the teacher? (the server's test split)
+    test_examples = tasks.encode(test, tokenizer, tcfg)[: cfg.eval.max_blocks or None]
+    test_metrics = evaluate_task(model, tokenizer, tcfg, test.select(range(len(test_examples))),
+                                 test_examples)
+    log(f"teacher trained in {seconds:.0f}s: " + " ".join(
+        f"{k[5:]} {v:.4f}" for k, v in test_metrics.items() if k != "eval_seconds"))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "fedtune-teacher.json").write_text(json.dumps({
         "key": teacher_key(cfg), "teacher": tcfg.model.name, "public_samples": len(public),
-        "steps": res.steps, "train_loss": res.loss,
-        "seconds": time.perf_counter() - t0}, indent=2) + "\n")
+        "steps": res.steps, "train_loss": res.loss, "seconds": seconds,
+        "test_metrics": test_metrics}, indent=2) + "\n")
     try:  # atomic: a concurrent trainer may have won the race; theirs is identical
         tmp.rename(target)
     except OSError:

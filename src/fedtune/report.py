@@ -514,6 +514,12 @@ def report_main(paths: list[str]) -> int:
     if not dirs:
         print("fedtune report: give at least one run folder", file=sys.stderr)
         return 2
+    if len(dirs) == 1 and (dirs[0] / "comparison.json").is_file():  # a `fedtune compare` folder
+        from fedtune.compare import rewrite
+
+        for p in rewrite(dirs[0]):
+            print(p)
+        return 0
     for d in dirs:
         if not (d / "metrics.jsonl").is_file():
             print(f"fedtune report: {d} is not a fedtune run folder (no metrics.jsonl)",
