@@ -253,3 +253,22 @@ def test_arm_configs_share_data_and_seed_and_differ_only_where_named(tmp_path):
     assert cent.train.local_steps == 4 * base.train.local_steps
     assert [c.data.merge_partitions for c in cfgs["local-only"]] == [[0], [1], [2], [3]]
     assert cfgs["pretrained"][0].federation.rounds == 0
+
+
+def test_client_example_cache_tells_apart_runs_with_and_without_a_public_slice(
+        tmp_path, monkeypatch, tiny_model_dir, reviews_jsonl):
+    from fedtune.apps import client
+
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    client._EXAMPLES.clear()
+    tok = M.load_tokenizer(str(tiny_model_dir))
+    with_public = kd_cfg(tiny_model_dir, reviews_jsonl, tmp_path, "task.type=instruction",
+                         "task.instruction_column=text", "task.output_column=domain")
+    without = kd_cfg(tiny_model_dir, reviews_jsonl, tmp_path, "task.type=instruction",
+                     "task.instruction_column=text", "task.output_column=domain",
+                     "kd.teacher_data_pct=0.0")
+    a = client._client_examples(with_public, 0, tok)
+    client._EXAMPLES.clear()  # as in a fresh process: only the disk cache is left
+    b = client._client_examples(without, 0, tok)
+    assert len(a) == len(load_data(with_public)[1][0])
+    assert len(b) == len(load_data(without)[1][0]) and len(b) > len(a)

@@ -51,7 +51,8 @@ def _client_examples(cfg, pid: int, tokenizer, data_path: str = "") -> list[dict
     src = Path(cfg.data.source).expanduser()
     stamp = (src.stat().st_mtime_ns, src.stat().st_size) if src.exists() else None
     key = (repr(cfg.data), repr(cfg.task), stamp, cfg.model.name, cfg.train.seed,
-           cfg.federation.num_clients, pid, data_path)
+           cfg.federation.num_clients, pid, data_path,
+           cfg.kd.teacher_data_pct)  # the public slice is cut from the pool before partitioning
     if key not in _EXAMPLES:
         disk = cache_dir() / "examples" / (hashlib.sha256(repr(key).encode()).hexdigest()[:24]
                                          + ".pt")
