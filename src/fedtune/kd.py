@@ -122,7 +122,7 @@ def ensure_teacher(cfg: Config, log=print) -> Path:
         return target
     tcfg = teacher_config(cfg)
     check_pair(cfg, M.load_tokenizer(tcfg.model.name), M.load_tokenizer(cfg.model.name))
-    _, _, _, public = load_data(cfg, with_public=True)
+    test, _, _, public = load_data(cfg, with_public=True)
     tokenizer = M.load_tokenizer(tcfg.model.name)
     examples = tasks.encode(public, tokenizer, tcfg)
     model = M.load_model(tcfg)
@@ -134,7 +134,7 @@ def ensure_teacher(cfg: Config, log=print) -> Path:
                       log_every=max(1, len(examples) // (4 * tcfg.train.batch_size)),
                       log=lambda s: log(f"teacher {s}"))
     seconds = time.perf_counter() - t0
-    test, _, _ = load_data(cfg)  # how good is the teacher? (the server's test split)
+    # how good is the teacher? (on the server's test split)
     test_examples = tasks.encode(test, tokenizer, tcfg)[: cfg.eval.max_blocks or None]
     test_metrics = evaluate_task(model, tokenizer, tcfg, test.select(range(len(test_examples))),
                                  test_examples)

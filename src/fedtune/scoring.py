@@ -17,9 +17,16 @@ from fedtune.train import autocast
 
 def _appends_eos(tokenizer) -> bool:
     """Does the tokenizer add an EOS after the text (most do not; some Llama setups do)?"""
-    eos = tokenizer.eos_token_id
-    probe = tokenizer("a")["input_ids"]
-    return eos is not None and bool(probe) and probe[-1] == eos
+    cached = getattr(tokenizer, "_fedtune_appends_eos", None)
+    if cached is None:  # probed once per tokenizer: encode_prompt runs for every example
+        eos = tokenizer.eos_token_id
+        probe = tokenizer("a")["input_ids"]
+        cached = eos is not None and bool(probe) and probe[-1] == eos
+        try:
+            tokenizer._fedtune_appends_eos = cached
+        except AttributeError:
+            pass
+    return cached
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
