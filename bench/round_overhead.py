@@ -40,7 +40,7 @@ def plain_loop(cfg) -> tuple[float, float, list]:
 
     from fedtune import model as M, tasks
     from fedtune.evaluate import evaluate_task
-    from fedtune.federation import load_data
+    from fedtune.data import load_data
     from fedtune.train import lr_for_round, train_local
 
     torch.set_num_threads(os.cpu_count() or 1)

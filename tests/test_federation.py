@@ -2,10 +2,7 @@
 
 import json
 
-import torch
-
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
 
 from fedtune import config as C
 from fedtune.apps import client

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fedtune import config as C, kd, model as M
-from fedtune.federation import load_data, run_federation
+from fedtune.data import load_data
+from fedtune.federation import run_federation
 from fedtune.inprocess import InProcessGrid
 from fedtune.tasks import IGNORE
 from test_federation import rows_of

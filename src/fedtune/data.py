@@ -106,6 +106,41 @@ def client_and_test(cfg: DataConfig, num_clients: int, seed: int, partition_id: 
     return partitions(pool, cfg, num_clients, seed, column)[partition_id], test
 
 
+def load_data(cfg, with_public: bool = False):
+    """(server test split, client partitions, partition column[, public slice]): what every
+    process derives identically from the config; a missing column or an empty partition
+    fails here.
+
+    The pool left after the test split loses its first `kd.teacher_data_pct` (the public
+    slice a KD teacher trains on) before partitioning. `data.merge_partitions` gives one
+    client the union of chosen partitions of a `data.split_clients`-way split: the
+    centralized and local-only baselines see exactly the data federated clients see.
+    """
+    from datasets import concatenate_datasets
+
+    from fedtune import tasks  # tasks builds on this module: import late
+    from fedtune.partition import partition_column
+
+    d = cfg.data
+    column = partition_column(d, cfg.task)
+    ds = load_source(d, tasks.required_columns(cfg))  # partition column: checked
+    # by the partitioner, whose error names `data.partition_by`
+    test, pool = split(ds, d, cfg.train.seed)
+    public = None
+    if cfg.kd.teacher_data_pct:
+        n_public = round(len(pool) * cfg.kd.teacher_data_pct)
+        if not 0 < n_public < len(pool):
+            raise DataError(f"`kd.teacher_data_pct` = {cfg.kd.teacher_data_pct} of "
+                                 f"{len(pool)} samples leaves no public or no private data")
+        public, pool = pool.select(range(n_public)), pool.select(range(n_public, len(pool)))
+    if d.merge_partitions:
+        every = partitions(pool, d, d.split_clients, cfg.train.seed, column)
+        parts = [concatenate_datasets([every[i] for i in d.merge_partitions])]
+    else:
+        parts = partitions(pool, d, cfg.federation.num_clients, cfg.train.seed, column)
+    return (test, parts, column, public) if with_public else (test, parts, column)
+
+
 def pack_blocks(ds: Dataset, tokenizer, text_column: str, seq_len: int) -> torch.Tensor:
     """Tokenize, join documents with EOS, cut into [n_blocks, seq_len] (remainder dropped)."""
     eos = tokenizer.eos_token_id

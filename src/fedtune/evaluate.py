@@ -118,7 +118,8 @@ def evaluate_saved(target: str, suites: list[str], overrides: list[str], out_dir
     from pathlib import Path
 
     from fedtune import checkpoint, config as C, model as M, tasks
-    from fedtune.federation import load_data, run_suites
+    from fedtune.data import load_data
+    from fedtune.federation import run_suites
 
     run_dir = Path(target).expanduser()
     is_run = (run_dir / "config.toml").is_file()

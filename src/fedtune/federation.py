@@ -16,7 +16,8 @@ import time
 import torch
 from flwr.app import ConfigRecord
 
-from fedtune import checkpoint, config as C, data, model as M, tasks, tracking
+from fedtune import checkpoint, config as C, model as M, tasks, tracking
+from fedtune.data import load_data
 from fedtune.evaluate import evaluate_task
 from fedtune.results import RunFolder, manifest, partition_report, peak_rss_mb, summarize
 from fedtune.train import lr_for_round
@@ -279,40 +280,6 @@ def _resume(run: RunFolder, cfg: C.Config, model, strategy) -> tuple[int, float]
     run.reset_rows(state["rows"])
     run.log.info(f"resumed from {folder} (round {rnd} of {cfg.federation.rounds})")
     return rnd + 1, float(state.get("elapsed_seconds", 0.0))
-
-
-def load_data(cfg: C.Config, with_public: bool = False):
-    """(server test split, client partitions, partition column[, public slice]): what every
-    process derives identically from the config; a missing column or an empty partition
-    fails here.
-
-    The pool left after the test split loses its first `kd.teacher_data_pct` (the public
-    slice a KD teacher trains on) before partitioning. `data.merge_partitions` gives one
-    client the union of chosen partitions of a `data.split_clients`-way split: the
-    centralized and local-only baselines see exactly the data federated clients see.
-    """
-    from datasets import concatenate_datasets
-
-    from fedtune.partition import partition_column
-
-    d = cfg.data
-    column = partition_column(d, cfg.task)
-    ds = data.load_source(d, tasks.required_columns(cfg))  # partition column: checked
-    # by the partitioner, whose error names `data.partition_by`
-    test, pool = data.split(ds, d, cfg.train.seed)
-    public = None
-    if cfg.kd.teacher_data_pct:
-        n_public = round(len(pool) * cfg.kd.teacher_data_pct)
-        if not 0 < n_public < len(pool):
-            raise data.DataError(f"`kd.teacher_data_pct` = {cfg.kd.teacher_data_pct} of "
-                                 f"{len(pool)} samples leaves no public or no private data")
-        public, pool = pool.select(range(n_public)), pool.select(range(n_public, len(pool)))
-    if d.merge_partitions:
-        split = data.partitions(pool, d, d.split_clients, cfg.train.seed, column)
-        parts = [concatenate_datasets([split[i] for i in d.merge_partitions])]
-    else:
-        parts = data.partitions(pool, d, cfg.federation.num_clients, cfg.train.seed, column)
-    return (test, parts, column, public) if with_public else (test, parts, column)
 
 
 def run_suites(model, tokenizer, cfg: C.Config, out_dir, rnd: int, log) -> dict:

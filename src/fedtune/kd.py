@@ -2,7 +2,7 @@
 
 Why it looks like this:
 - The public slice is the first `kd.teacher_data_pct` of the pool left after the server's
-  test split; `federation.load_data` removes it from every client partition (in every arm
+  test split; `data.load_data` removes it from every client partition (in every arm
   of a comparison, so all arms train on the same private data).
 - The teacher is trained where it is used, from public data only, and cached under
   $FEDTUNE_CACHE/teachers/<hash of everything it depends on>: in simulation one process
@@ -114,7 +114,7 @@ def ensure_teacher(cfg: Config, log=print) -> Path:
     """The trained teacher's folder: from the cache, or trained now on the public slice."""
     from fedtune import model as M, tasks
     from fedtune.evaluate import evaluate_task
-    from fedtune.federation import load_data
+    from fedtune.data import load_data
     from fedtune.train import train_local
 
     target = teacher_dir(cfg)

@@ -28,7 +28,7 @@ QUIET_ENV = {
 def prepare(cfg: C.Config) -> None:
     """Work done once before any process starts: convert offline weights, resolve paths."""
     from fedtune import model as M
-    from fedtune.federation import load_data
+    from fedtune.data import load_data
 
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)

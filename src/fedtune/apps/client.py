@@ -22,7 +22,6 @@ from flwr.clientapp import ClientApp
 from fedtune import data, model as M, tasks
 from fedtune.assets import cache_dir
 from fedtune.apps import config_from_run_config
-from fedtune.federation import load_data
 from fedtune.results import peak_rss_mb
 from fedtune.train import train_local
 
@@ -66,7 +65,7 @@ def _client_examples(cfg, pid: int, tokenizer, data_path: str = "") -> list[dict
                 if len(part) == 0:
                     raise data.DataError(f"data-path {data_path} holds no samples")
             else:
-                _, parts, _ = load_data(cfg)
+                _, parts, _ = data.load_data(cfg)
                 part = parts[pid]
             examples = tasks.encode(part, tokenizer, cfg)
             if not data_path:
