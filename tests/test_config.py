@@ -94,8 +94,8 @@ def test_missing_local_paths_are_reported():
     with pytest.raises(C.ConfigError) as err:
         C.load(None, ["model.name=./no/such/model", "data.source=/no/such/file.jsonl"])
     msg = str(err.value)
-    assert "model folder './no/such/model' does not exist" in msg
-    assert "'/no/such/file.jsonl' does not exist" in msg
+    assert "'./no/such/model' looks like a local folder but does not exist" in msg
+    assert "'/no/such/file.jsonl' looks like a local path but does not exist" in msg
 
 
 def test_local_file_suffix_is_checked(tmp_path):

@@ -1,13 +1,18 @@
 """The server round loop with Flower's strategies, clients called in-process (no Ray)."""
 
-import json
+import random
 
+import numpy as np
 import pytest
 
-from fedtune import config as C
-from fedtune.apps import client
+from fedtune import config as C, data, model as M, tasks
+from fedtune.checkpoint import latest, load_weights
+from fedtune.errors import RunError
 from fedtune.federation import build_strategy, run_federation
 from fedtune.inprocess import InProcessGrid
+from fedtune.results import read_metrics
+from fedtune.train import sampling_seed
+from grids import FailingGrid, RecordingGrid
 
 
 def make_cfg(tiny_model_dir, code_jsonl, out, *extra):
@@ -20,7 +25,7 @@ def make_cfg(tiny_model_dir, code_jsonl, out, *extra):
 
 
 def rows_of(out):
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(out)
 
 
 @pytest.mark.parametrize("name", C.STRATEGIES)
@@ -45,6 +50,57 @@ def test_fedavgm_momentum_changes_round_two_only(tmp_path, tiny_model_dir, code_
     assert abs(a[2]["eval_loss"] - m[2]["eval_loss"]) > 1e-6
 
 
+def weighted_mean(replies):
+    """Hand computation of FedAvg: sum_i n_i w_i / sum_i n_i, per tensor."""
+    total = sum(n for _, n, _ in replies)
+    return {k: sum(n * arrays[k] for _, n, arrays in replies) / total for k in replies[0][2]}
+
+
+def test_fedavg_weights_clients_by_their_number_of_examples(tmp_path, tiny_model_dir,
+                                                             code_jsonl):
+    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "run", "federation.num_clients=3",
+                   "federation.rounds=1", "output.save_final=true")
+    grid = RecordingGrid(cfg)
+    run_federation(grid, cfg)
+    replies = grid.replies[1]
+    sizes = [n for _, n, _ in replies]
+    assert len(set(sizes)) > 1, f"partitions must be unequal for this test: {sizes}"
+    expected = weighted_mean(replies)
+    model = M.load_model(cfg)
+    load_weights(model, tmp_path / "run" / "final", "lora")
+    final = {k: v.numpy() for k, v in M.trainable_state(model).items()}
+    for k, v in expected.items():
+        np.testing.assert_allclose(final[k], v, rtol=1e-5, atol=1e-7)
+    # and it is not the unweighted mean (the weights matter here)
+    plain = {k: sum(a[k] for _, _, a in replies) / len(replies) for k in expected}
+    assert any(not np.allclose(plain[k], expected[k], rtol=1e-4, atol=1e-6) for k in expected)
+
+
+def test_fedavgm_server_learning_rate_scales_the_step(tmp_path, tiny_model_dir, code_jsonl):
+    """Round 1 of FedAvgM: w1 = w0 - lr_s * (w0 - mean_i w_i) (the buffer starts at the
+    first pseudo-gradient), so lr_s = 0.5 lands halfway between w0 and the clients' mean."""
+    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "run", "federation.rounds=2",
+                   "strategy.name=fedavgm", "strategy.params.server_learning_rate=0.5",
+                   "strategy.params.server_momentum=0.9")
+    grid = RecordingGrid(cfg)
+    run_federation(grid, cfg)
+    w0, avg, w1 = grid.sent[1], weighted_mean(grid.replies[1]), grid.sent[2]
+    for k in w0:
+        np.testing.assert_allclose(w1[k], w0[k] - 0.5 * (w0[k] - avg[k]), rtol=1e-5, atol=1e-7)
+    assert any(np.abs(w1[k] - avg[k]).max() > 1e-6 for k in w0)  # not plain FedAvg
+
+
+def test_fedprox_with_mu_zero_is_exactly_fedavg(tmp_path, tiny_model_dir, code_jsonl):
+    avg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "avg")
+    prox = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "prox", "strategy.name=fedprox",
+                    "strategy.params.proximal_mu=0.0")
+    run_federation(InProcessGrid(avg), avg)
+    run_federation(InProcessGrid(prox), prox)
+    a, p = rows_of(tmp_path / "avg"), rows_of(tmp_path / "prox")
+    assert [r["eval_loss"] for r in a] == [r["eval_loss"] for r in p]
+    assert [r["client_proximal_mu"] for r in p[1:]] == [0.0, 0.0]
+
+
 def test_fedprox_sends_mu_and_changes_the_result(tmp_path, tiny_model_dir, code_jsonl):
     avg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "avg")
     prox = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "prox", "strategy.name=fedprox",
@@ -52,27 +108,78 @@ def test_fedprox_sends_mu_and_changes_the_result(tmp_path, tiny_model_dir, code_
     run_federation(InProcessGrid(avg), avg)
     run_federation(InProcessGrid(prox), prox)
     a, p = rows_of(tmp_path / "avg"), rows_of(tmp_path / "prox")
+    assert p[1]["client_proximal_mu"] == 100.0          # the clients used the server's mu
     assert abs(a[1]["eval_loss"] - p[1]["eval_loss"]) > 1e-6
 
 
 def test_a_failing_client_is_reported_and_the_others_aggregate(tmp_path, tiny_model_dir,
                                                                code_jsonl):
     cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "run", "strategy.name=fedadam")
-    summary = run_federation(InProcessGrid(cfg, fail_node=2), cfg)
+    summary = run_federation(FailingGrid(cfg, partitions=[1]), cfg)
     rows = rows_of(tmp_path / "run")
     assert [r["clients_failed"] for r in rows[1:]] == [1, 1]
     assert [r["clients_ok"] for r in rows[1:]] == [1, 1]
+    assert rows[1]["failures"][0]["partition"] == 1
+    assert rows[1]["failures"][0]["error"] == "RuntimeError: client crashed"
     assert rows[2]["eval_loss"] != rows[0]["eval_loss"]  # the surviving client's update landed
     assert summary["client_failures"] == 2
-    assert "client node 2 failed: client crashed" in (tmp_path / "run" / "run.log").read_text()
+    assert "client 1 (node" in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_sampling_is_a_function_of_seed_round_and_partitions(tmp_path, tiny_model_dir,
+                                                            code_jsonl):
+    """10 clients, fraction 0.3: two runs whose nodes get different random ids pick the
+    same partitions every round, the ones `random.sample` draws from the sorted partition
+    ids with the round's seed; different rounds pick different clients."""
+    extra = ("federation.num_clients=10", "federation.fraction=0.3", "federation.rounds=3",
+             "train.local_steps=1", "eval.max_blocks=2", "data.test_samples=2",
+             "output.plots=false")
+    picked = []
+    for name in ("a", "b"):
+        cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / name, *extra)
+        grid = InProcessGrid(cfg)
+        run_federation(grid, cfg)
+        picked.append([r["sampled_partitions"] for r in rows_of(tmp_path / name)[1:]])
+    assert picked[0] == picked[1]
+    expected = []
+    for rnd in (1, 2, 3):
+        random.seed(sampling_seed(0, rnd))
+        expected.append(sorted(random.sample(range(10), 3)))
+    assert picked[0] == expected
+    assert len({tuple(p) for p in picked[0]}) > 1
+
+
+def test_a_round_below_min_clients_is_retried_then_the_run_stops(tmp_path, tiny_model_dir,
+                                                                 code_jsonl):
+    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "run", "federation.rounds=3",
+                   "federation.min_clients=2", "federation.max_round_retries=1",
+                   "output.save_every=2", "output.plots=false")
+    with pytest.raises(RunError) as err:
+        run_federation(FailingGrid(cfg, partitions=[0], rounds={2}, error="out of memory"), cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "round 2: 1 of 2 sampled clients replied" in msg
+    assert "client 0: RuntimeError: out of memory" in msg and "--resume" in msg
+    lines = read_metrics(tmp_path / "run", failed=True)
+    assert [(x["round"], x.get("status")) for x in lines] == [
+        (0, None), (1, None), (2, "failed"), (2, "failed")]
+    assert [x["attempt"] for x in lines[2:]] == [0, 1]
+    assert [r["round"] for r in rows_of(tmp_path / "run")] == [0, 1]   # a failed round is no round
+    # the last good round is checkpointed (save_every=2 would have skipped round 1)
+    assert latest(tmp_path / "run")[0] == 1
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_every_client_failing_stops_the_run(tmp_path, tiny_model_dir, code_jsonl):
+    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "run", "federation.max_round_retries=0")
+    with pytest.raises(RunError, match="round 1: 0 of 2 sampled clients replied"):
+        run_federation(FailingGrid(cfg, partitions=[0, 1]), cfg)
+    assert [r["round"] for r in rows_of(tmp_path / "run")] == [0]
 
 
 def test_a_supernode_can_bring_its_own_data(tmp_path, tiny_model_dir, code_jsonl):
     """node config `data-path=...` replaces the partition of the shared source."""
     import sysconfig
     from pathlib import Path
-
-    from fedtune import data, model as M
 
     own = tmp_path / "own"
     own.mkdir()
@@ -81,13 +188,13 @@ def test_a_supernode_can_bring_its_own_data(tmp_path, tiny_model_dir, code_jsonl
         (own / name).write_text((stdlib / name).read_text())
     cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "run")
     tok = M.load_tokenizer(cfg.model.name)
-    mine = client._client_examples(cfg, 1, tok, str(own))
-    shared = client._client_examples(cfg, 1, tok)
+    mine = tasks.client_examples(cfg, 1, tok, str(own))
+    shared = tasks.client_examples(cfg, 1, tok)
     rows = data.load_source(C.load(None, [f"data.source={own}"]).data)
     expected = data.pack_blocks(rows, tok, "text", cfg.data.seq_len).tolist()
     assert [e["input_ids"] for e in mine] == expected and len(mine) != len(shared)
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="no files match"):
-        client._client_examples(cfg, 1, tok, str(tmp_path / "empty"))
+        tasks.client_examples(cfg, 1, tok, str(tmp_path / "empty"))
     with pytest.raises(data.DataError, match="does not exist"):
-        client._client_examples(cfg, 1, tok, str(tmp_path / "missing.jsonl"))
+        tasks.client_examples(cfg, 1, tok, str(tmp_path / "missing.jsonl"))

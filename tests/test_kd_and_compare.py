@@ -7,10 +7,11 @@ import sys
 import pytest
 import torch
 
-from fedtune import config as C, kd, model as M
+from fedtune import config as C, kd, model as M, tasks
 from fedtune.data import load_data
 from fedtune.federation import run_federation
 from fedtune.inprocess import InProcessGrid
+from fedtune.results import best_round
 from fedtune.tasks import IGNORE
 from test_federation import rows_of
 
@@ -223,7 +224,8 @@ def test_comparison_summaries_mean_worst_client_and_rounds_to_best():
     assert s["seconds"] == 20.0 and s["final_metrics"]["eval_loss"] == pytest.approx(0.3)
     one = compare._summarize_seed([run([0.6, 0.6, 0.7])], "eval_loss", "min")
     assert one["worst_client"] is None and one["best_round"] == 2   # lower loss is better
-    assert compare._best([(0, 1.0), (1, 0.5), (2, 0.5)], "min") == (1, 0.5)  # earliest on ties
+    ties = [{"round": r, "eval_loss": v} for r, v in [(0, 1.0), (1, 0.5), (2, 0.5)]]
+    assert best_round(ties, "eval_loss")["round"] == 1                 # earliest on ties
     table = compare.markdown({
         "task": "t", "model": "m", "num_clients": 2, "rounds": 2, "seeds": 2,
         "metric": "eval_accuracy", "mode": "max", "teacher": {},
@@ -258,18 +260,14 @@ def test_arm_configs_share_data_and_seed_and_differ_only_where_named(tmp_path):
 
 def test_client_example_cache_tells_apart_runs_with_and_without_a_public_slice(
         tmp_path, monkeypatch, tiny_model_dir, reviews_jsonl):
-    from fedtune.apps import client
-
     monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
-    client._EXAMPLES.clear()
     tok = M.load_tokenizer(str(tiny_model_dir))
     with_public = kd_cfg(tiny_model_dir, reviews_jsonl, tmp_path, "task.type=instruction",
                          "task.instruction_column=text", "task.output_column=domain")
     without = kd_cfg(tiny_model_dir, reviews_jsonl, tmp_path, "task.type=instruction",
                      "task.instruction_column=text", "task.output_column=domain",
                      "kd.teacher_data_pct=0.0")
-    a = client._client_examples(with_public, 0, tok)
-    client._EXAMPLES.clear()  # as in a fresh process: only the disk cache is left
-    b = client._client_examples(without, 0, tok)
+    a = tasks.client_examples(with_public, 0, tok)   # examples cached on disk
+    b = tasks.client_examples(without, 0, tok)
     assert len(a) == len(load_data(with_public)[1][0])
     assert len(b) == len(load_data(without)[1][0]) and len(b) > len(a)

@@ -20,6 +20,7 @@ from fedtune import assets, offline_data
 from fedtune import config as C
 from fedtune.config import DataConfig
 from fedtune.data import load_source
+from fedtune.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 VADER_COUNTS = {("amazon", 0): 1235, ("amazon", 1): 1750, ("movies", 0): 5076,
@@ -184,7 +185,7 @@ def test_missing_download_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
     for name, file in [("offline:vader-movies", "vaderSentiment-3.3.2.tar.gz"),
                        ("offline:mmlu-cot", "lm_eval-0.4.13-py3-none-any.whl")]:
-        with pytest.raises(FileNotFoundError) as err:
+        with pytest.raises(DataError) as err:
             assets.load_offline_texts(name)
         msg = str(err.value)
         assert file in msg and str(tmp_path / "downloads") in msg
@@ -192,5 +193,5 @@ def test_missing_download_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(C.ConfigError, match="vaderSentiment-3.3.2.tar.gz"):
         C.load(None, ["data.source=offline:vader-sentiment"])
     assert assets.check_offline_data("offline:python-docs") is None  # needs no download
-    with pytest.raises(ValueError, match="offline:mmlu-cot"):
+    with pytest.raises(DataError, match="offline:mmlu-cot"):
         assets.check_offline_data("offline:nope")

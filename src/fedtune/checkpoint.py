@@ -13,12 +13,14 @@ does latest.json (itself written to a temp file and renamed) point at it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from fedtune.errors import ConfigError, ModelError
+from fedtune.results import atomic_write_json
 
 STRATEGY_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")  # Flower's strategies
 
@@ -41,22 +43,28 @@ def _write_folder(target: Path, model, tokenizer, server_state: dict | None) -> 
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+def _round_of(folder: Path) -> int | None:
+    try:
+        return int(folder.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
 
 
 def save_round(run_dir, rnd: int, model, tokenizer, server_state: dict, keep_last: int) -> Path:
-    """Checkpoint round `rnd`, point latest.json at it, prune older periodic ones."""
+    """Checkpoint round `rnd`, point latest.json at it, then prune: keep the `keep_last`
+    newest rounds up to `rnd` (by round number, never the one latest.json names) and drop
+    any round after `rnd` (left by a run this one replaced)."""
     root = _dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"round-{rnd:04d}"
     _write_folder(target, model, tokenizer, server_state)
-    _write_json(root / "latest.json", {"round": rnd, "path": target.name})
-    rounds = sorted(p for p in root.glob("round-*") if p.is_dir())
-    for old in rounds[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    atomic_write_json(root / "latest.json", {"round": rnd, "path": target.name})
+    saved = sorted((r, p) for p in root.glob("round-*")
+                   if p.is_dir() and (r := _round_of(p)) is not None)
+    kept = [r for r, _ in saved if r <= rnd][-keep_last:]
+    for r, folder in saved:
+        if r != rnd and r not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
     return target
 
 
@@ -64,7 +72,7 @@ def save_best(run_dir, rnd: int, model, tokenizer, metric: str, value: float) ->
     root = _dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     _write_folder(root / "best", model, tokenizer, {"round": rnd, metric: value})
-    _write_json(root / "best.json", {"round": rnd, "metric": metric, "value": value})
+    atomic_write_json(root / "best.json", {"round": rnd, "metric": metric, "value": value})
     return root / "best"
 
 
@@ -74,7 +82,11 @@ def latest(run_dir) -> tuple[int, Path] | None:
     if not pointer.exists():
         return None
     info = json.loads(pointer.read_text())
-    return int(info["round"]), _dir(run_dir) / info["path"]
+    folder = _dir(run_dir) / info["path"]
+    if not (folder / "server_state.pt").is_file():
+        raise ConfigError([f"{pointer} names {folder}, which holds no checkpoint: cannot "
+                           "resume from it"])
+    return int(info["round"]), folder
 
 
 def load_weights(model, folder: Path, finetune: str) -> None:
@@ -91,7 +103,7 @@ def load_weights(model, folder: Path, finetune: str) -> None:
         state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
-        raise ValueError(f"checkpoint {folder} does not fit the model: {unexpected[:3]}")
+        raise ModelError(f"checkpoint {folder} does not fit the model: {unexpected[:3]}")
 
 
 def strategy_state(strategy) -> dict:
@@ -117,6 +129,25 @@ def restore_strategy(strategy, state: dict) -> None:
             value = ArrayRecord({k: Array(np.asarray(a)) for k, a in
                                  value["__arrayrecord__"].items()})
         setattr(strategy, name, value)
+
+
+def check_resumable(run_dir, cfg) -> tuple[int, Path]:
+    """(round, folder) of the checkpoint `fedtune run --resume` continues from, or a
+    ConfigError before anything starts: no checkpoint, or a recipe that changed since."""
+    found = latest(run_dir)
+    if found is None:
+        raise ConfigError([f"nothing to resume in {run_dir}: it has no checkpoints/latest.json "
+                           "(a run checkpoints when `output.save_every` > 0)"])
+    rnd, folder = found
+    saved, now = load_server_state(folder)["config"], cfg.to_dict()
+    free = {"output": None, "federation": ("rounds",)}  # may change on resume
+    changed = [f"{s}.{k}" for s in saved for k in saved[s]
+               if not (s in free and (free[s] is None or k in free[s]))
+               and saved[s][k] != now.get(s, {}).get(k)]
+    if changed:
+        raise ConfigError([f"cannot resume with a changed `{k}` (checkpoint has "
+                           f"{saved[k.split('.')[0]][k.split('.')[1]]!r})" for k in changed])
+    return rnd, folder
 
 
 def load_server_state(folder: Path) -> dict:

@@ -19,9 +19,13 @@ def _load(args):
         # a run folder's config.toml is a complete recipe; overrides may extend the rounds
         run_dir = Path(args.resume).expanduser()
         if not (run_dir / "config.toml").is_file():
-            raise C.ConfigError([f"--resume {run_dir}: no config.toml there (not a run folder)"])
+            raise C.ConfigError([f"--resume {run_dir}: not a fedtune run folder (no "
+                                 "config.toml there); give the folder a run wrote"])
         cfg = C.load(run_dir / "config.toml", [*args.set, "output.resume=true",
                                                 f"output.dir={run_dir.absolute()}"])
+        from fedtune.checkpoint import check_resumable
+
+        check_resumable(run_dir, cfg)  # no checkpoint, or a changed recipe: stop here
         return cfg
     if not args.recipe:
         raise C.ConfigError(["give a recipe (fedtune run RECIPE.toml) or --resume RUN_DIR"])
@@ -44,9 +48,9 @@ def cmd_run(args) -> int:
         from fedtune.simulation import run_simulation
 
         summary = run_simulation(cfg)
-    keys = ("rounds_completed", "best_round", "best_eval_loss", "total_wall_seconds",
+    keys = ("rounds_completed", "best_metric", "best_round", "best_value", "total_wall_seconds",
             "total_bytes_down", "total_bytes_up", "final_model")
-    print(json.dumps({k: summary[k] for k in keys} | {
+    print(json.dumps({k: summary.get(k) for k in keys} | {
         "initial_eval_loss": summary["initial"]["eval_loss"],
         "final_eval_loss": summary["final"]["eval_loss"],
         "run_dir": cfg.output.dir}, indent=2))
@@ -55,6 +59,10 @@ def cmd_run(args) -> int:
 
 def cmd_validate(args) -> int:
     cfg = _load(args)
+    from fedtune.preflight import preflight
+
+    for w in preflight(cfg, strict=False):
+        print(f"fedtune: warning: {w}", file=sys.stderr)
     print(f"{args.recipe}: OK (config hash {cfg.hash()}; {cfg.federation.num_clients} "
           f"clients, {cfg.federation.rounds} rounds, strategy {cfg.strategy.name}, "
           f"task {cfg.task.type}, {cfg.model.finetune} on {cfg.model.name})")
@@ -133,6 +141,8 @@ def cmd_keys(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (normally one line)")
     for name, fn, helptext in [
         ("run", cmd_run, "run a recipe on Flower's Simulation Engine"),
         ("validate", cmd_validate, "check a recipe (keys, types, ranges, paths) without training"),
@@ -188,17 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("keys", help="list every recipe key with its default").set_defaults(
         fn=cmd_keys)
     args = parser.parse_args(argv)
-    from fedtune.config import ConfigError
+    from fedtune.errors import FedtuneError
 
     try:
         return args.fn(args)
-    except ConfigError as err:
+    except FedtuneError as err:  # a problem the user can fix: one line (bugs keep tracebacks)
+        if args.debug:
+            raise
         print(f"fedtune: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
-        # DataError and ModelError are ValueErrors with messages written for users
-        print(f"fedtune: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
 
 
 if __name__ == "__main__":

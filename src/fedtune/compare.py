@@ -32,19 +32,14 @@ from pathlib import Path
 import tomli_w
 
 from fedtune import config as C
+from fedtune.results import best_round, read_metrics
 
 LOCAL = ("pretrained", "centralized", "local-only")
 
 
 def headline_metric(cfg: C.Config) -> str:
-    if cfg.compare.metric:
-        return cfg.compare.metric
-    return "eval_accuracy" if cfg.task.type in C.CLASSIFICATION_TASKS else "eval_loss"
-
-
-def clients_per_round(cfg: C.Config) -> int:
-    """How many clients Flower samples per round (int(n * fraction), at least 1)."""
-    return max(1, int(cfg.federation.num_clients * cfg.federation.fraction))
+    """`compare.metric`, else the run's headline metric (`eval.metric` or the task's)."""
+    return cfg.compare.metric or C.headline_metric(cfg)
 
 
 def arm_runs(base: C.Config, arm: str, seed: int, root: Path) -> list[tuple[str, dict, str]]:
@@ -71,7 +66,7 @@ def arm_runs(base: C.Config, arm: str, seed: int, root: Path) -> list[tuple[str,
         return [sub(f"pretrained-{tag}", "inprocess", federation__rounds=0,
                     output__save_final=False, output__save_every=0, train__early_stopping={})]
     if arm == "centralized":
-        steps = raw["train"]["local_steps"] * clients_per_round(base)
+        steps = raw["train"]["local_steps"] * C.clients_per_round(base)
         return [sub(f"centralized-{tag}", "inprocess", data__merge_partitions=list(range(n)),
                     data__split_clients=n, federation__num_clients=1, federation__fraction=1.0,
                     train__local_steps=steps)]
@@ -117,17 +112,11 @@ def _run_one(name: str, raw: dict, engine: str, root: Path, echo) -> dict:
         reason = reason or (lines[-1] if lines else f"exit code {proc.returncode}")
         return {"name": name, "status": "failed", "error": reason[:500],
                 "exit_code": proc.returncode, "log": str(log_path), "seconds": seconds}
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"name": name, "status": "ok", "run_dir": str(run_dir), "rows": rows,
             "seconds": summary["total_wall_seconds"],
             "megabytes": (summary["total_bytes_down"] + summary["total_bytes_up"]) / 2**20}
-
-
-def _best(values: list[tuple[int, float]], mode: str) -> tuple[int, float]:
-    """(round, value) of the best value; the earliest round on ties."""
-    sign = 1 if mode == "min" else -1
-    return min(values, key=lambda rv: (sign * rv[1], rv[0]))
 
 
 def _summarize_seed(runs: list[dict], metric: str, mode: str) -> dict:
@@ -140,7 +129,8 @@ def _summarize_seed(runs: list[dict], metric: str, mode: str) -> dict:
     rounds = sorted({rnd for c in curves for rnd, _ in c})
     mean_curve = [(rnd, statistics.fmean(v for c in curves for r2, v in c if r2 == rnd))
                   for rnd in rounds]
-    best_round, best_value = _best(mean_curve, mode)
+    best = best_round([{"round": r, metric: v} for r, v in mean_curve], metric)
+    best_rnd, best_value = best["round"], best[metric]
     worst = max(finals) if mode == "min" else min(finals)
     others = {}
     for key in runs[0]["rows"][-1]:
@@ -149,7 +139,7 @@ def _summarize_seed(runs: list[dict], metric: str, mode: str) -> dict:
             if all(isinstance(v, (int, float)) for v in vals):
                 others[key] = statistics.fmean(vals)
     return {"final": statistics.fmean(finals), "worst_client": worst if len(runs) > 1 else None,
-            "best": best_value, "best_round": best_round, "curve": mean_curve,
+            "best": best_value, "best_round": best_rnd, "curve": mean_curve,
             "seconds": sum(run["seconds"] for run in runs),
             "megabytes": sum(run["megabytes"] for run in runs), "final_metrics": others,
             "run_dirs": [run["run_dir"] for run in runs]}

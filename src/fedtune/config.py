@@ -18,14 +18,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from fedtune import assets
-
-
-class ConfigError(ValueError):
-    """A recipe or override is wrong; the message names every bad key."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+from fedtune.errors import ConfigError, FedtuneError
 
 
 def _f(default, help: str):  # noqa: A002 - `help` reads best in the field lists below
@@ -111,6 +104,10 @@ class FederationConfig:
     client_cpus: float = _f(1.0, "CPUs reserved per simulated client (Ray resources)")
     client_threads: int = _f(1, "torch threads inside each client (0 = torch's default)")
     client_gpus: float = _f(0.0, "GPUs reserved per simulated client (0.5 = two per GPU)")
+    min_clients: int = _f(1, "a round counts only if at least this many sampled clients "
+                          "replied; otherwise it is retried, then the run stops (exit 1)")
+    max_round_retries: int = _f(1, "how often a round with fewer than `min_clients` replies "
+                                "is retried (with a fresh sample) before the run stops")
 
 
 @dataclass
@@ -154,6 +151,9 @@ class EvalConfig:
     mmlu_max_questions: int = _f(0, "use at most N questions (0 = all)")
     mmlu_mode: str = _f("letter", "`letter` (log-likelihood of A/B/C/D) or `choice` (of each "
                         "choice's text)")
+    metric: str = _f("", "the run's headline metric: best round in summary.json, "
+                     "checkpoints/best, early stopping, compare (\"\" = eval_accuracy for "
+                     "classification tasks, else eval_loss)")
 
 
 @dataclass
@@ -163,7 +163,7 @@ class OutputConfig:
     save_final: bool = _f(True, "save the final global model with save_pretrained")
     save_every: int = _f(0, "checkpoint the global model every N rounds (0 = never)")
     keep_last: int = _f(2, "how many periodic checkpoints to keep (the best is kept apart)")
-    keep_best: str = _f("", "also keep the best round's model by this metric, e.g. eval_loss")
+    keep_best: bool = _f(False, "also keep checkpoints/best: the best round by `eval.metric`")
     plots: bool = _f(True, "write plots/*.png after every round and a report at the end")
     tensorboard: bool = _f(False, "write TensorBoard event files to tensorboard/")
     trackers: list = _f([], "optional experiment trackers: \"mlflow\", \"wandb\"")
@@ -269,6 +269,11 @@ def from_dict(raw: dict, problems: list[str] | None = None) -> Config:
                 known = ", ".join(f.name for f in fields(target))
                 problems.append(f"unknown key `{section}.{key}`; known: {known}")
                 continue
+            if (section, key) == ("output", "keep_best") and isinstance(value, str):
+                problems.append("`output.keep_best` is true or false; the metric that picks "
+                                f"the best round is `eval.metric` (e.g. eval.metric = "
+                                f"\"{value or 'eval_loss'}\" and keep_best = true)")
+                continue
             coerced = _coerce(value, hints[key], f"{section}.{key}", problems)
             if coerced is not None:
                 setattr(target, key, coerced)
@@ -342,9 +347,13 @@ SUITES = ("mmlu",)
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
-def looks_local(name: str) -> bool:
-    """A path the user meant as local: it exists, or starts like a path."""
-    return Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~"))
+def looks_local(name: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """A name the user meant as a local path: it exists (relative to the working directory
+    too), starts like a path, has more parts than a hub id (`org/name`) or ends in one of
+    `suffixes` (a data file). Everything else is a hub id."""
+    return (Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~"))
+            or name.count("/") >= 2 or "\\" in name
+            or (bool(suffixes) and name.lower().endswith(suffixes)))
 
 
 def strategy_class(name: str):
@@ -359,6 +368,31 @@ MANAGED_STRATEGY_ARGS = ("fraction_train", "fraction_evaluate", "min_train_nodes
                          "min_evaluate_nodes", "min_available_nodes", "weighted_by_key",
                          "arrayrecord_key", "configrecord_key", "train_metrics_aggr_fn",
                          "evaluate_metrics_aggr_fn")
+
+
+# Ranges of the Flower strategies' own arguments: (low, high, low inclusive, high inclusive)
+STRATEGY_RANGES = {
+    "proximal_mu": (0.0, None, True, False),        # FedProx: 0 is FedAvg's client
+    "server_momentum": (0.0, 1.0, True, False),     # FedAvgM
+    "server_learning_rate": (0.0, None, False, False),
+    "eta": (0.0, None, False, False),               # FedAdam / FedYogi / FedAdagrad
+    "eta_l": (0.0, None, False, False),
+    "beta_1": (0.0, 1.0, True, False),
+    "beta_2": (0.0, 1.0, True, False),
+    "tau": (0.0, None, False, False),
+}
+
+
+def _range_text(low, high, low_in, high_in) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _in_range(value: float, low, high, low_in, high_in) -> bool:
+    above = value >= low if low_in else value > low
+    below = high is None or (value <= high if high_in else value < high)
+    return above and below
 
 
 def _check_strategy(cfg: StrategyConfig) -> list[str]:
@@ -379,11 +413,39 @@ def _check_strategy(cfg: StrategyConfig) -> list[str]:
             if isinstance(default, (int, float)) and not isinstance(default, bool):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     problems.append(f"`strategy.params.{key}` must be a number, got {value!r}")
+                elif key in STRATEGY_RANGES and not _in_range(value, *STRATEGY_RANGES[key]):
+                    problems.append(f"`strategy.params.{key}` = {value!r} must be "
+                                    f"{_range_text(*STRATEGY_RANGES[key])} for {cfg.name}")
     return problems
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Valid but probably not what the user wants; printed, never fatal."""
+    out = []
+    s = cfg.strategy
+    if s.name in ("fedadam", "fedyogi", "fedadagrad") and "eta" not in s.params:
+        out.append(f"strategy {s.name} keeps Flower's default server step eta = 0.1, large "
+                   f"for {'LoRA tensors' if cfg.model.finetune == 'lora' else 'model weights'}"
+                   " (each entry may move by ~eta per round); set e.g. "
+                   "`strategy.params.eta = 1e-3`")
+    return out
 
 
 TRACKERS = ("mlflow", "wandb")
 LOWER_IS_BETTER = ("eval_loss", "eval_ppl")
+
+
+def headline_metric(cfg: Config) -> str:
+    """The metric that picks the best round everywhere (summary, checkpoints/best, early
+    stopping, compare): `eval.metric`, else the task's own."""
+    if cfg.eval.metric:
+        return cfg.eval.metric
+    return "eval_accuracy" if cfg.task.type in CLASSIFICATION_TASKS else "eval_loss"
+
+
+def clients_per_round(cfg: Config) -> int:
+    """How many clients Flower samples per round: int(n * fraction), at least 1."""
+    return max(1, int(cfg.federation.num_clients * cfg.federation.fraction))
 
 
 def metric_mode(metric: str) -> str:
@@ -572,9 +634,30 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
             if importlib.util.find_spec(pkg) is None:
                 p.append(f"`{key}` needs the `{pkg}` package, which is not installed "
                          f"(pip install {pkg}); fedtune does not depend on it")
-    if o.keep_best and not o.keep_best.startswith("eval_"):
-        p.append(f"`output.keep_best` = {o.keep_best!r} must name a centralized metric "
-                 "(eval_loss, eval_ppl, ...)")
+    metric = cfg.eval.metric
+    if metric and not metric.startswith("eval_"):
+        p.append(f"`eval.metric` = {metric!r} must name a centralized metric (eval_loss, "
+                 "eval_accuracy, ...)")
+    es_metric = t.early_stopping.get("metric")
+    if isinstance(es_metric, str) and es_metric != headline_metric(cfg):
+        p.append(f"`train.early_stopping.metric` = {es_metric!r} differs from the run's "
+                 f"headline metric {headline_metric(cfg)!r}: the best round, checkpoints/best "
+                 "and early stopping use one metric; set `eval.metric` instead")
+    if m.dtype == "float16" and (m.finetune == "full" or cfg.task.type ==
+                                 "sequence-classification"):
+        what = ("full fine-tuning" if m.finetune == "full"
+                else "the classifier head of sequence-classification")
+        p.append(f"`model.dtype = \"float16\"` with {what} trains float16 weights, which "
+                 "AdamW turns into NaN after one step (its eps 1e-8 is 0 in float16); use "
+                 "`model.dtype = \"bfloat16\"`, or float32 weights with "
+                 "`train.precision = \"bf16\"` (autocast)")
+    if fed.min_clients < 1:
+        p.append(f"`federation.min_clients` must be >= 1, got {fed.min_clients}")
+    elif fed.min_clients > clients_per_round(cfg):
+        p.append(f"`federation.min_clients` = {fed.min_clients} can never be met: only "
+                 f"{clients_per_round(cfg)} clients are sampled per round (num_clients x "
+                 "fraction); lower it or raise `federation.fraction`")
+    _positive(p, "federation.max_round_retries", fed.max_round_retries, allow_zero=True)
     if check_paths:
         p += _check_sources(cfg)
     return p
@@ -586,24 +669,28 @@ def _check_sources(cfg: Config) -> list[str]:
     if assets.is_offline(name):
         try:
             assets.check_offline_model(name)
-        except (ValueError, FileNotFoundError) as err:
+        except FedtuneError as err:
             p.append(f"`model.name`: {err}")
     elif looks_local(name):
         path = Path(name).expanduser()
         if not path.is_dir():
-            p.append(f"`model.name`: local model folder {name!r} does not exist")
+            p.append(f"`model.name`: {name!r} looks like a local folder but does not exist "
+                     f"(relative to {Path.cwd()}); fix the path, or use a hub id (org/name) "
+                     "or offline:NAME")
         elif not (path / "config.json").exists():
             p.append(f"`model.name`: {name!r} has no config.json (not a save_pretrained folder)")
     src = cfg.data.source
     if assets.is_offline(src):
         try:
             assets.check_offline_data(src)
-        except (ValueError, FileNotFoundError) as err:
+        except FedtuneError as err:
             p.append(f"`data.source`: {err}")
-    elif looks_local(src):
+    elif looks_local(src, DATA_SUFFIXES):
         path = Path(src).expanduser()
         if not path.exists():
-            p.append(f"`data.source`: {src!r} does not exist")
+            p.append(f"`data.source`: {src!r} looks like a local path but does not exist "
+                     f"(relative to {Path.cwd()}); fix the path, or use a hub dataset id "
+                     "(org/name) or offline:NAME")
         elif path.is_file() and path.suffix not in DATA_SUFFIXES:
             p.append(f"`data.source`: {src!r} has suffix {path.suffix!r}; "
                      f"supported: {', '.join(DATA_SUFFIXES)}")

@@ -8,18 +8,20 @@ the split deterministically from the config, so no raw data ever travels.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset, concatenate_datasets, load_dataset
 
-from fedtune import assets
-from fedtune.config import DataConfig, looks_local
+from fedtune import __version__, assets, partition
+from fedtune.config import DATA_SUFFIXES, DataConfig, looks_local
+from fedtune.errors import DataError, HubDataError
 
-
-class DataError(ValueError):
-    """The data does not fit the recipe (missing column, empty partition, too few samples)."""
+FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+              ".txt": "text"}
 
 
 def load_source(cfg: DataConfig, required: tuple[str, ...] | None = None) -> Dataset:
@@ -30,7 +32,7 @@ def load_source(cfg: DataConfig, required: tuple[str, ...] | None = None) -> Dat
     src = cfg.source
     if assets.is_offline(src):
         ds = Dataset.from_list(assets.load_offline_texts(src))
-    elif looks_local(src):
+    elif looks_local(src, DATA_SUFFIXES):
         path = Path(src).expanduser()
         if path.is_dir():
             files = sorted(p for p in path.glob(cfg.file_glob) if p.is_file())
@@ -40,26 +42,86 @@ def load_source(cfg: DataConfig, required: tuple[str, ...] | None = None) -> Dat
                      "source": str(f.relative_to(path))} for f in files]
             ds = Dataset.from_list(rows)
         else:
-            kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
-                     ".txt": "text"}
-            if not path.exists() or path.suffix not in kinds:
-                raise DataError(f"data source {src!r} does not exist or is not one of "
-                                f"{', '.join(kinds)} or a folder")
-            ds = load_dataset(kinds[path.suffix], data_files=str(path), split="train")
+            ds = _load_file(path)
     else:
         try:
             ds = load_dataset(src, cfg.subset or None, split=cfg.split)
         except (ConnectionError, FileNotFoundError, ValueError) as err:
-            hint = (" (HF_HUB_OFFLINE=1 is set: hub datasets only work from the local cache)"
+            hint = (" (HF_HUB_OFFLINE=1 is set: hub datasets only work from the local cache;"
+                    " use a local file or folder, or offline:NAME)"
                     if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
-            raise DataError(f"cannot load `data.source` = {src!r} (subset {cfg.subset!r}, "
-                            f"split {cfg.split!r}): {err}{hint}") from None
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise HubDataError(f"cannot load `data.source` = {src!r} (subset {cfg.subset!r}, "
+                            f"split {cfg.split!r}) from the hub: {first}{hint}") from None
     for col in (cfg.text_column,) if required is None else required:
         if col not in ds.column_names:
             raise DataError(f"column {col!r} is not in {src!r}; its columns are: "
                             f"{', '.join(ds.column_names)} (set the column names in [task] "
                             "or `data.text_column`)")
     return ds
+
+
+def _load_file(path: Path) -> Dataset:
+    """A local data file as a Dataset; an unreadable one is a DataError naming the problem
+    (empty, not UTF-8, the first malformed JSON line), not a pyarrow traceback."""
+    if not path.exists() or path.suffix not in FILE_KINDS:
+        raise DataError(f"data source {str(path)!r} does not exist or is not one of "
+                        f"{', '.join(FILE_KINDS)} or a folder")
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty: no rows to train on")
+    try:
+        return load_dataset(FILE_KINDS[path.suffix], data_files=str(path), split="train")
+    except Exception as err:  # noqa: BLE001 - datasets/pyarrow raise many kinds; say which line
+        raise DataError(_diagnose(path) or f"cannot read {path}: {type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                        ) from None
+
+
+def _diagnose(path: Path) -> str | None:
+    """Why a local file failed to load, in one sentence (None if no specific reason)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        return (f"data file {path} is not UTF-8 text (line {line}, byte {err.start}); "
+                "re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8")
+    if not text.strip():
+        return f"data file {path} holds only whitespace: no rows to train on"
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as err:
+                return (f"data file {path} line {number} is not valid JSON ({err.msg}, "
+                        f"column {err.colno}); fix or remove that line")
+            if not isinstance(obj, dict):
+                return (f"data file {path} line {number} is a JSON {type(obj).__name__}, "
+                        "not an object with named columns")
+    return None
+
+
+def source_stamp(cfg: DataConfig) -> str | None:
+    """What identifies the content of a local or packaged source without reading it all
+    (file sizes and times); None for hub datasets, which the caller identifies by the
+    loaded dataset's `_fingerprint` instead."""
+    src = cfg.source
+    if assets.is_offline(src):
+        return f"{src}:{__version__}:{assets.offline_stamp(src)}"
+    if not looks_local(src, DATA_SUFFIXES):
+        return None
+    path = Path(src).expanduser()
+    if not path.exists():
+        return "missing"
+    files = sorted(p for p in path.glob(cfg.file_glob) if p.is_file()) if path.is_dir() \
+        else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f}:{st.st_mtime_ns}:{st.st_size}\n".encode())
+    return digest.hexdigest()[:24]
 
 
 def split(ds: Dataset, cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
@@ -75,21 +137,12 @@ def split(ds: Dataset, cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
     return test, pool
 
 
-def make_partitioner(cfg: DataConfig, num_clients: int, pool_size: int, seed: int = 0,
-                     column: str | None = None):
-    from fedtune import partition  # imported here: partition imports DataError from here
-
-    return partition.make_partitioner(cfg, num_clients, pool_size, seed, column)
-
-
 def partitions(pool: Dataset, cfg: DataConfig, num_clients: int, seed: int = 0,
                column: str | None = None) -> list[Dataset]:
     """All client partitions (cheap: flwr-datasets returns index views).
 
     `seed` and `column` must be the same in every process (the run's seed and
     `partition.partition_column`), or server and clients disagree on the split."""
-    from fedtune import partition
-
     return partition.make_partitions(pool, cfg, num_clients, seed, column)
 
 
@@ -116,13 +169,10 @@ def load_data(cfg, with_public: bool = False):
     client the union of chosen partitions of a `data.split_clients`-way split: the
     centralized and local-only baselines see exactly the data federated clients see.
     """
-    from datasets import concatenate_datasets
-
     from fedtune import tasks  # tasks builds on this module: import late
-    from fedtune.partition import partition_column
 
     d = cfg.data
-    column = partition_column(d, cfg.task)
+    column = partition.partition_column(d, cfg.task)
     ds = load_source(d, tasks.required_columns(cfg))  # partition column: checked
     # by the partitioner, whose error names `data.partition_by`
     test, pool = split(ds, d, cfg.train.seed)

@@ -10,6 +10,7 @@ both a way to try deployment and the harness of the deployment tests.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -25,10 +26,10 @@ from pathlib import Path
 
 from fedtune import config as C
 from fedtune.apps import write_app_folder
+from fedtune.errors import DeployError
+from fedtune.results import clear_old_run, read_metrics
 
 BIN = Path(sys.executable).parent
-class DeployError(RuntimeError):
-    """A deployment process failed or the run did not complete."""
 
 
 def free_port() -> int:
@@ -254,7 +255,7 @@ class LocalDeployment:
         while time.time() < deadline:
             self.check_nodes()
             info = self.status(run_id)
-            rows = _rows(run_dir)
+            rows = read_metrics(run_dir)
             for row in rows[seen:]:
                 echo(f"round {row['round']}: eval_loss {row.get('eval_loss', float('nan')):.4f}"
                      + (f" train_loss {row['train_loss']:.4f}" if row.get("train_loss")
@@ -265,19 +266,6 @@ class LocalDeployment:
             time.sleep(2)
         raise DeployError(f"run {run_id} did not finish within {timeout:.0f} s "
                           f"(last status {info.get('status')})")
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break
-    return rows
 
 
 def deploy_local(cfg: C.Config, tls: bool = False, auth: bool = False,
@@ -293,8 +281,10 @@ def deploy_local(cfg: C.Config, tls: bool = False, auth: bool = False,
         threads = max(1, cores // fed.num_clients)
         echo(f"{fed.num_clients} local SuperNodes x {fed.client_threads} threads > {cores} "
              f"cores: using federation.client_threads={threads}")
-        fed.client_threads = threads
+        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(fed, client_threads=threads))
     run_dir = Path(cfg.output.dir)
+    if not cfg.output.resume:
+        clear_old_run(run_dir, cfg.output.overwrite)  # before deployment/ is written into it
     work = run_dir / "deployment"
     with LocalDeployment(work, cfg.federation.num_clients, tls=tls, auth=auth) as dep:
         echo(f"SuperLink on 127.0.0.1:{dep.port} ({'TLS' if dep.tls else 'insecure'}"

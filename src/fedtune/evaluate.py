@@ -10,15 +10,20 @@
 
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import torch
 import torch.nn.functional as F
 
+from fedtune import mmlu
 from fedtune.config import Config
-from fedtune.scoring import encode_completion
+from fedtune.errors import ConfigError
+from fedtune.metrics import classification_metrics, rouge
+from fedtune.model import autocast
+from fedtune.scoring import choose, encode_completion, generate_greedy, score_candidates
 from fedtune.tasks import IGNORE, classification_prompt, collate, label_text
-from fedtune.train import autocast
 
 
 def _batches(examples, batch_size, pad_id, device):
@@ -48,8 +53,6 @@ def eval_lm(model, examples: list[dict], batch_size: int, pad_id: int,
 def eval_sequence_classification(model, examples: list[dict], batch_size: int, pad_id: int,
                                  precision: str = "fp32") -> dict:
     """Mean cross-entropy of the classifier, accuracy, macro-F1, Matthews correlation."""
-    from fedtune.metrics import classification_metrics
-
     model.eval()
     total, preds, golds = 0.0, [], []
     for batch in _batches(examples, batch_size, pad_id, model.device):
@@ -66,9 +69,6 @@ def eval_sequence_classification(model, examples: list[dict], batch_size: int, p
 
 def eval_prompt_classification(model, tokenizer, rows, examples: list[dict], cfg: Config) -> dict:
     """Label loss, log-likelihood accuracy, and (eval.generate) generation accuracy + ROUGE."""
-    from fedtune.metrics import classification_metrics, rouge
-    from fedtune.scoring import choose, generate_greedy, score_candidates
-
     t, e, prec = cfg.task, cfg.eval, cfg.train.precision
     pad_id = tokenizer.pad_token_id
     out = eval_lm(model, examples, e.batch_size, pad_id, prec)
@@ -104,6 +104,27 @@ def evaluate_task(model, tokenizer, cfg: Config, rows, examples: list[dict]) -> 
     return eval_lm(model, examples, e.batch_size, pad_id, cfg.train.precision)
 
 
+def run_suites(model, tokenizer, cfg: Config, out_dir, rnd, log) -> dict:
+    """Benchmarks beyond the task's own test split (MMLU); details to eval/*.json."""
+    out = {}
+    if "mmlu" in cfg.eval.suites:
+        e = cfg.eval
+        questions = mmlu.load_questions(e.mmlu_source, e.mmlu_subset, e.mmlu_split,
+                                        e.mmlu_max_questions, cfg.train.seed)
+        t0 = time.perf_counter()
+        res = mmlu.evaluate_mmlu(model, tokenizer, questions, e.batch_size, e.mmlu_mode,
+                                 cfg.train.precision)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"mmlu-round-{rnd}.json").write_text(json.dumps(res, indent=2) + "\n")
+        out.update(eval_mmlu_accuracy=res["accuracy"],
+                   eval_mmlu_seconds=time.perf_counter() - t0)
+        for cat, v in res["by_category"].items():
+            out[f"eval_mmlu_{cat.replace(' ', '_')}"] = v["accuracy"]
+        log.info(f"round {rnd}: MMLU accuracy {res['accuracy']:.4f} on "
+                 f"{res['num_questions']} questions ({e.mmlu_mode} scoring)")
+    return out
+
+
 def eval_causal_lm(model, blocks: torch.Tensor, batch_size: int, precision: str = "fp32"):
     """Loss and perplexity on packed blocks [N, T] (every token after the first is a target)."""
     return eval_lm(model, [{"input_ids": b} for b in blocks.tolist()], batch_size, 0, precision)
@@ -113,13 +134,11 @@ def evaluate_saved(target: str, suites: list[str], overrides: list[str], out_dir
     """`fedtune eval`: a run folder's final model (its recipe rebuilds the model, the saved
     adapter or weights go in) or a base model by name/path, on benchmark suites and/or the
     recipe's own test split (`task`). Results go to OUT/eval/*.json and are returned."""
-    import json
     import logging
     from pathlib import Path
 
     from fedtune import checkpoint, config as C, model as M, tasks
     from fedtune.data import load_data
-    from fedtune.federation import run_suites
 
     run_dir = Path(target).expanduser()
     is_run = (run_dir / "config.toml").is_file()
@@ -129,7 +148,7 @@ def evaluate_saved(target: str, suites: list[str], overrides: list[str], out_dir
         cfg = C.load(run_dir / "config.toml", sets)
         weights = run_dir / "final"
         if not weights.is_dir():
-            raise FileNotFoundError(f"{run_dir} has no final/ model yet (the run has not ended)")
+            raise ConfigError([f"{run_dir} has no final/ model yet (the run has not ended)"])
         out = Path(out_dir) if out_dir else run_dir
     else:
         cfg = C.load(None, sets + [f"model.name={target}", "model.finetune=full"])

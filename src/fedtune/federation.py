@@ -1,14 +1,16 @@
 """The server's round loop, built from a Flower strategy's own configure/aggregate steps.
 
 Why not `strategy.start()`: it offers no place to count bytes per round, write metrics as
-each round ends, save checkpoints, resume or stop early. This loop calls the same strategy
-methods in the same order (configure_train -> send_and_receive -> aggregate_train ->
-centralized evaluation), so FedAvgM's momentum, FedProx's `proximal-mu` and FedAdam's
-moments behave exactly as in Flower.
+each round ends, save checkpoints, resume, retry a round or stop early. `ServerLoop` calls
+the same strategy methods in the same order (configure_train -> send_and_receive ->
+aggregate_train -> centralized evaluation), so FedAvgM's momentum, FedProx's `proximal-mu`
+and FedAdam's moments behave exactly as in Flower. It reads as four steps: setup
+(`__init__`), `run_round`, `finish_round`, `finish`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -16,11 +18,15 @@ import time
 import torch
 from flwr.app import ConfigRecord
 
-from fedtune import checkpoint, config as C, model as M, tasks, tracking
+from fedtune import checkpoint, config as C, model as M, partition, tasks, tracking
 from fedtune.data import load_data
-from fedtune.evaluate import evaluate_task
-from fedtune.results import RunFolder, manifest, partition_report, peak_rss_mb, summarize
-from fedtune.train import lr_for_round
+from fedtune.errors import RunError
+from fedtune.evaluate import evaluate_task, run_suites
+from fedtune.nodes import NodeDirectory, short_reason
+from fedtune.report import write_plots, write_report
+from fedtune.results import (RunFolder, best_round, manifest, partition_report, peak_rss_mb,
+                             summarize)
+from fedtune.train import lr_for_round, sampling_seed
 
 
 def build_strategy(cfg: C.Config):
@@ -41,37 +47,54 @@ def payload_bytes(message) -> int:
     return sum(rec.count_bytes() for rec in message.content.array_records.values())
 
 
+class BestTracker:
+    """The best round so far by one metric (`results.best_round`'s rule)."""
+
+    def __init__(self, metric: str):
+        self.metric, self.row = metric, None
+
+    def update(self, row: dict) -> bool:
+        """Feed a round's row; True when it is the new best."""
+        best = best_round([r for r in (self.row, row) if r is not None], self.metric)
+        if best is row:
+            self.row = row
+            return True
+        return False
+
+
 class EarlyStopping:
     """Patience on a centralized metric; its whole state is derivable from the metric rows."""
 
-    def __init__(self, spec: dict):
-        self.metric = spec.get("metric", "eval_loss")
+    def __init__(self, spec: dict, metric: str):
+        self.metric = metric
         self.patience = spec.get("patience", 0)
         self.min_delta = float(spec.get("min_delta", 0.0))
-        self.sign = 1.0 if C.metric_mode(self.metric) == "min" else -1.0
+        self.sign = 1.0 if C.metric_mode(metric) == "min" else -1.0
         self.best, self.best_round, self.bad = math.inf, None, 0
 
-    def update(self, row: dict) -> bool:
-        """Feed a round's row; True when this round is the new best."""
+    def update(self, row: dict) -> None:
         value = row.get(self.metric)
-        if value is None or not math.isfinite(value):
-            self.bad += 1
-            return False
-        if self.sign * value < self.best - self.min_delta:
+        if value is not None and math.isfinite(value) and \
+                self.sign * value < self.best - self.min_delta:
             self.best, self.best_round, self.bad = self.sign * value, row["round"], 0
-            return True
-        self.bad += 1
-        return False
+        else:
+            self.bad += 1
 
     def should_stop(self) -> bool:
         return bool(self.patience) and self.bad >= self.patience
 
+    def reason(self) -> str:
+        return (f"early stopping: {self.metric} did not improve by more than {self.min_delta} "
+                f"for {self.patience} rounds (best round {self.best_round})")
 
-def _round_row(rnd, lr, messages, replies, bytes_down, t_train) -> dict:
-    ok = [r for r in replies if not r.has_error()]
+
+def _round_row(rnd, lr, messages, ok, bytes_down, t_train) -> dict:
     cm = [r.content["metrics"] for r in ok]
     n = sum(m["num-examples"] for m in cm)
-    slowest = max((m["train_seconds"] for m in cm), default=0.0)
+
+    def most(key):
+        return max((m[key] for m in cm), default=0.0)
+
     samples = sum(int(m["train_samples"]) for m in cm)
     tokens = sum(int(m["train_tokens"]) for m in cm)
     return {
@@ -84,227 +107,260 @@ def _round_row(rnd, lr, messages, replies, bytes_down, t_train) -> dict:
         # parallel or one after another, setup and transfer included)
         "samples_per_s": samples / t_train if t_train else 0.0,
         "tokens_per_s": tokens / t_train if t_train else 0.0,
-        "client_train_seconds_max": slowest,
+        "client_train_seconds_max": most("train_seconds"),
         "client_train_seconds_sum": sum(m["train_seconds"] for m in cm),
-        "client_setup_seconds_max": max((m["setup_seconds"] for m in cm), default=0.0),
-        "client_model_load_seconds_max": max((m["model_load_seconds"] for m in cm),
-                                             default=0.0),
-        "client_data_seconds_max": max((m["data_seconds"] for m in cm), default=0.0),
-        "client_process_age_seconds_max": max((m["process_age_seconds"] for m in cm),
-                                              default=0.0),
+        "client_setup_seconds_max": most("setup_seconds"),
+        "client_model_load_seconds_max": most("model_load_seconds"),
+        "client_data_seconds_max": most("data_seconds"),
+        "client_process_age_seconds_max": most("process_age_seconds"),
         "client_model_loads": sum(int(m["model_loaded"]) for m in cm),
+        "client_proximal_mu": most("proximal_mu"),  # what the clients added (FedProx)
         "bytes_down": bytes_down,
         "bytes_up": sum(payload_bytes(r) for r in ok),
         "train_phase_seconds": t_train,
-        "client_peak_rss_mb": max((m["peak_rss_mb"] for m in cm), default=0.0),
+        "client_peak_rss_mb": most("peak_rss_mb"),
     }
 
 
-def run_federation(grid, cfg: C.Config, stop_after_round: int | None = None) -> dict:
-    """Run (or resume) every round against `grid`; return the summary in summary.json.
+class ServerLoop:
+    """One run on `grid`: setup here, then `run()` = rounds until done or stopped early."""
 
-    `stop_after_round` ends the loop early as if the process had been killed (for tests of
-    resume): no final model, no summary.
-    """
-    t_start = time.perf_counter()
-    run = RunFolder(cfg)
-    log = run.log
-    torch.manual_seed(cfg.train.seed)
-    log.info(f"run folder {run.dir} (config hash {cfg.hash()})")
+    def __init__(self, grid, cfg: C.Config):
+        self.t_start = time.perf_counter()
+        self.grid, self.cfg = grid, cfg
+        self.nodes = NodeDirectory(grid, cfg.federation.num_clients)
+        self.nodes.ask()  # partition ids arrive while the model loads (deployment: spawns)
+        self.run = run = RunFolder(cfg)
+        self.log = run.log
+        torch.manual_seed(cfg.train.seed)
+        self.log.info(f"run folder {run.dir} (config hash {cfg.hash()})")
+        self.tokenizer = M.load_tokenizer(cfg.model.name)
+        self.model = M.load_model(cfg)
+        test, self.parts, column = load_data(cfg)
+        names = cfg.task.label_names if column == cfg.task.label_column else None
+        run.write_json("partitions.json", partition_report(
+            self.parts, column, names, partition.describe(cfg.data)))
+        self.test_examples = tasks.encode(test, self.tokenizer, cfg)[: cfg.eval.max_blocks or None]
+        self.test_rows = test.select(range(min(len(test), len(self.test_examples))))
+        self.strategy = build_strategy(cfg)
+        self.metric = C.headline_metric(cfg)
+        self.stopper = EarlyStopping(cfg.train.early_stopping, self.metric)
+        keep = cfg.output.keep_best or self.stopper.patience
+        self.best = BestTracker(self.metric) if keep else None
+        self.start_round, self.elapsed_before, self.saved_round = 1, 0.0, 0
+        if cfg.output.resume:
+            self._resume()
+        self.arrays = M.to_arrays(self.model)
+        trainable, total = M.count_parameters(self.model)
+        self.trainable = trainable
+        self.log.info(
+            f"model {cfg.model.name}: {trainable:,} of {total:,} parameters train and travel "
+            f"({cfg.model.finetune}); {self.arrays.count_bytes() / 2**20:.2f} MiB per client "
+            f"per direction; task {cfg.task.type}; server test split {len(test)} samples -> "
+            f"{len(self.test_examples)} examples (<= {cfg.data.seq_len} tokens); strategy "
+            f"{cfg.strategy.name} {cfg.strategy.params or ''}")
 
-    tokenizer = M.load_tokenizer(cfg.model.name)
-    model = M.load_model(cfg)
-    trainable, total = M.count_parameters(model)
-    test, parts, column = load_data(cfg)
-    names = cfg.task.label_names if column == cfg.task.label_column else None
-    from fedtune.partition import describe
+    def _resume(self) -> None:
+        """Weights, strategy state and metric lines of the latest checkpoint."""
+        rnd, folder = checkpoint.check_resumable(self.run.dir, self.cfg)
+        state = checkpoint.load_server_state(folder)
+        checkpoint.load_weights(self.model, folder, self.cfg.model.finetune)
+        checkpoint.restore_strategy(self.strategy, state["strategy"])
+        self.run.reset_lines(state["rows"])
+        for row in self.run.rows:
+            self.stopper.update(row)
+            if self.best:
+                self.best.update(row)
+        self.start_round, self.saved_round = rnd + 1, rnd
+        self.elapsed_before = float(state.get("elapsed_seconds", 0.0))
+        self.log.info(f"resumed from {folder} (round {rnd} of {self.cfg.federation.rounds})")
 
-    run.write_json("partitions.json", partition_report(parts, column, names,
-                                                       describe(cfg.data)))
-    test_examples = tasks.encode(test, tokenizer, cfg)
-    if cfg.eval.max_blocks:
-        test_examples = test_examples[: cfg.eval.max_blocks]
-    test_rows = test.select(range(min(len(test), len(test_examples))))
-    strategy = build_strategy(cfg)
-    stopper = EarlyStopping(cfg.train.early_stopping)
-    keep_best = cfg.output.keep_best or (stopper.metric if stopper.patience else "")
-    best = EarlyStopping({"metric": keep_best}) if keep_best else None
+    # ------------------------------------------------------------------------- the loop
+    def run_all(self) -> dict:
+        rounds = self.cfg.federation.rounds
+        with contextlib.ExitStack() as stack:
+            self.trackers = [stack.enter_context(contextlib.closing(t))
+                             for t in tracking.open_trackers(self.run.dir, self.cfg)]
+            if self.start_round == 1:
+                self.finish_round(self.evaluate(0) | {"server_peak_rss_mb": peak_rss_mb()})
+            for rnd in range(self.start_round, rounds + 1):
+                if self.stopper.should_stop():
+                    break
+                self.finish_round(self.run_round(rnd))
+            return self.finish()
 
-    start_round, elapsed_before = 1, 0.0
-    if cfg.output.resume:
-        start_round, elapsed_before = _resume(run, cfg, model, strategy)
-        for row in run.rows:
-            stopper.update(row)
-            if best:
-                best.update(row)
-    arrays = M.to_arrays(model)
-    log.info(f"model {cfg.model.name}: {trainable:,} of {total:,} parameters train and travel "
-             f"({cfg.model.finetune}); {arrays.count_bytes() / 2**20:.2f} MiB per client "
-             f"per direction; task {cfg.task.type}; server test split {len(test)} samples "
-             f"-> {len(test_examples)} examples (<= {cfg.data.seq_len} tokens); strategy "
-             f"{cfg.strategy.name} "
-             f"{cfg.strategy.params or ''}")
-    trackers = tracking.open_trackers(run.dir, cfg)
-
-    def evaluate(rnd: int) -> dict:
-        t0 = time.perf_counter()
-        res = evaluate_task(model, tokenizer, cfg, test_rows, test_examples)
-        res["eval_seconds"] = time.perf_counter() - t0
-        every = cfg.eval.suites_every
-        if cfg.eval.suites and (rnd in (0, cfg.federation.rounds) or (every and rnd % every == 0)):
-            res.update(run_suites(model, tokenizer, cfg, run.dir / "eval", rnd, log))
-        return res
-
-    def finish_round(row: dict) -> None:
-        """Best model, checkpoint, metrics line, trackers, plots: in that order, so a
-        checkpoint of round k always exists when metrics.jsonl shows round k."""
-        if best and best.update(row):
-            checkpoint.save_best(run.dir, row["round"], model, tokenizer, best.metric,
-                                 row[best.metric])
-        stopper.update(row)
-        rnd = row["round"]
-        if cfg.output.save_every and rnd and (rnd % cfg.output.save_every == 0
-                                              or rnd == cfg.federation.rounds
-                                              or stopper.should_stop()):
-            state = {"round": rnd, "rows": run.rows + [row], "config": cfg.to_dict(),
-                     "strategy": checkpoint.strategy_state(strategy),
-                     "elapsed_seconds": elapsed_before + time.perf_counter() - t_start}
-            checkpoint.save_round(run.dir, rnd, model, tokenizer, state, cfg.output.keep_last)
-        run.append(row)
-        for t in trackers:
-            t.log(row)
-        if cfg.output.plots:
-            run.plots()
-
-    if start_round == 1:
-        row = {"round": 0, **evaluate(0), "server_peak_rss_mb": peak_rss_mb()}
-        finish_round(row)
-        log.info(f"round 0/{cfg.federation.rounds} {headline(row)}")
-
-    stop_reason = None
-    for rnd in range(start_round, cfg.federation.rounds + 1):
-        if stopper.should_stop():
-            break
+    def run_round(self, rnd: int) -> dict:
+        """configure -> send/receive -> aggregate -> evaluate; a round with fewer than
+        `federation.min_clients` replies is recorded and retried, then the run stops."""
+        fed = self.cfg.federation
         t_round = time.perf_counter()
-        lr = lr_for_round(rnd, cfg.federation.rounds, cfg.train)
-        random.seed(cfg.train.seed * 7_919 + rnd)  # Flower samples clients with `random`
-        train_config = ConfigRecord({"lr": lr, "num-rounds": cfg.federation.rounds})
-        messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
-        bytes_down = sum(payload_bytes(m) for m in messages)
-        replies = list(grid.send_and_receive(messages))
-        for r in replies:
-            if r.has_error():
-                log.info(f"round {rnd}: client node {r.metadata.src_node_id} failed: "
-                         f"{r.error.reason}")
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        lr = lr_for_round(rnd, fed.rounds, self.cfg.train)
+        for attempt in range(fed.max_round_retries + 1):
+            messages = self.configure(rnd, attempt, lr)
+            bytes_down = sum(payload_bytes(m) for m in messages)
+            replies = list(self.grid.send_and_receive(messages))
+            ok = [r for r in replies if not r.has_error()]
+            for r in ok:
+                self.nodes.learn(r.metadata.src_node_id, int(r.content["metrics"]["partition_id"]))
+            failures = self.failures(messages, replies)
+            head = {"round": rnd, "attempt": attempt,
+                    "sampled_partitions": self.nodes.partitions(m.metadata.dst_node_id
+                                                                for m in messages),
+                    "failures": failures}
+            if len(ok) >= fed.min_clients:
+                break
+            self.run.append(head | {"status": "failed", "clients_sampled": len(messages),
+                                    "clients_ok": len(ok)})
+            self.log.info(f"round {rnd} attempt {attempt + 1}: {len(ok)} of {len(messages)} "
+                          f"clients replied (federation.min_clients = {fed.min_clients})")
+        else:
+            self.fail(rnd, head["failures"], len(ok), len(messages))
+        new_arrays, _ = self.strategy.aggregate_train(rnd, ok)
         t_train = time.perf_counter() - t_round
         if new_arrays is not None:
-            arrays = new_arrays
-            M.load_trainable_state(model, M.from_arrays(arrays))
-        else:
-            log.info(f"round {rnd}: no client succeeded; the global model is unchanged")
-        row = _round_row(rnd, lr, messages, replies, bytes_down, t_train)
-        del replies
-        row.update(evaluate(rnd))
-        row.update(round_seconds=time.perf_counter() - t_round,
-                   server_peak_rss_mb=peak_rss_mb())
-        finish_round(row)
-        log.info(
-            f"round {rnd}/{cfg.federation.rounds} {headline(row)} "
-            f"train_loss {_fmt(row['train_loss'])} lr {lr:.2e} | "
-            f"{row['round_seconds']:.1f}s, {row['tokens_per_s']:.0f} tok/s, "
-            f"down {bytes_down / 2**20:.2f} MiB up {row['bytes_up'] / 2**20:.2f} MiB, "
-            f"clients {row['clients_ok']}/{row['clients_sampled']}")
-        if stopper.should_stop():
-            stop_reason = (f"early stopping: {stopper.metric} did not improve by more than "
-                           f"{stopper.min_delta} for {stopper.patience} rounds (best round "
-                           f"{stopper.best_round})")
-            log.info(stop_reason)
-        if stop_after_round is not None and rnd >= stop_after_round:
-            for t in trackers:
-                t.close()
-            return {}
+            M.load_trainable_state(self.model, M.from_arrays(new_arrays))
+            # The next round sends the model's own tensors: FedAdam/FedYogi return float64
+            # (a numpy scalar in their step), which would double every later message and
+            # make a resumed run (restarted from the model) differ from an uninterrupted one.
+            self.arrays = M.to_arrays(self.model)
+        row = head | _round_row(rnd, lr, messages, ok, bytes_down, t_train)
+        del replies, ok
+        row |= self.evaluate(rnd)
+        return row | {"round_seconds": time.perf_counter() - t_round,
+                      "server_peak_rss_mb": peak_rss_mb()}
 
-    final_round = run.rows[-1]["round"]
-    if stop_reason and best and best.best_round is not None and best.best_round != final_round:
-        checkpoint.load_weights(model, run.dir / "checkpoints" / "best", cfg.model.finetune)
-        final_round = best.best_round
-        log.info(f"final model = best checkpoint (round {final_round})")
-    if cfg.output.save_final:
-        M.save_final(model, tokenizer, run.dir / "final")
-        log.info(f"final model (round {final_round}) saved with save_pretrained in "
-                 f"{run.dir / 'final'}")
-    for t in trackers:
-        t.close()
-    summary = summarize(run.rows, elapsed_before + time.perf_counter() - t_start, {
-        "config_hash": cfg.hash(), "model": cfg.model.name, "finetune": cfg.model.finetune,
-        "strategy": cfg.strategy.name, "trainable_parameters": trainable,
-        "client_failures": sum(r.get("clients_failed", 0) for r in run.rows),
-        "final_model": str(run.dir / "final") if cfg.output.save_final else None,
-        "final_model_round": final_round,
-        "stopped_early": stop_reason is not None, "stop_reason": stop_reason,
-        "resumed_from_round": start_round - 1 if cfg.output.resume else None,
-        "manifest": manifest(cfg, parts),
-    })
-    run.write_summary(summary)
-    if cfg.output.plots:
-        run.report()
-    log.info(f"done: {summary['rounds_completed']} rounds in "
-             f"{summary['total_wall_seconds']:.0f}s; eval_loss "
-             f"{summary['initial']['eval_loss']:.4f} -> {summary['final']['eval_loss']:.4f} "
-             f"(best round {summary['best_round']}); communicated "
-             f"{(summary['total_bytes_down'] + summary['total_bytes_up']) / 2**20:.1f} MiB; "
-             f"results in {run.dir}")
-    return summary
+    def configure(self, rnd: int, attempt: int, lr: float) -> list:
+        """The strategy's own messages, over nodes sorted by partition id with `random`
+        seeded by (seed, round, attempt): the same clients in every process and on resume."""
+        self.nodes.wait()
+        random.seed(sampling_seed(self.cfg.train.seed, rnd, attempt))  # Flower samples with it
+        train_config = ConfigRecord({"lr": lr, "num-rounds": self.cfg.federation.rounds})
+        return list(self.strategy.configure_train(rnd, self.arrays, train_config,
+                                                  self.nodes.sorted_view()))
 
+    def failures(self, messages, replies) -> list[dict]:
+        """Who failed and why: error replies, and sampled clients that never replied."""
+        answered = {r.metadata.src_node_id for r in replies}
+        out = [{"partition": self.nodes.partition_of.get(r.metadata.src_node_id),
+                "node": r.metadata.src_node_id, "error": short_reason(r.error.reason)}
+               for r in replies if r.has_error()]
+        out += [{"partition": self.nodes.partition_of.get(m.metadata.dst_node_id),
+                 "node": m.metadata.dst_node_id, "error": "no reply"}
+                for m in messages if m.metadata.dst_node_id not in answered]
+        for f in out:
+            self.log.info(f"client {f['partition']} (node {f['node']}) failed: {f['error']}")
+        return sorted(out, key=lambda f: (f["partition"] is None, f["partition"] or 0))
 
-def _resume(run: RunFolder, cfg: C.Config, model, strategy) -> tuple[int, float]:
-    """Load the latest checkpoint: weights, strategy state, metric rows. Returns next round."""
-    found = checkpoint.latest(run.dir)
-    if found is None:
-        raise FileNotFoundError(f"nothing to resume in {run.dir}: no checkpoints/latest.json "
-                                "(a run checkpoints when `output.save_every` > 0)")
-    rnd, folder = found
-    state = checkpoint.load_server_state(folder)
-    saved = state["config"]
-    now = cfg.to_dict()
-    changed = [f"{s}.{k}" for s in saved for k in saved[s]
-               if s not in ("output", "federation") and saved[s][k] != now[s].get(k)]
-    changed += [f"federation.{k}" for k in saved["federation"]
-                if k != "rounds" and saved["federation"][k] != now["federation"][k]]
-    if changed:
-        raise C.ConfigError([f"cannot resume with a changed `{k}` (checkpoint has "
-                             f"{saved[k.split('.')[0]][k.split('.')[1]]!r})" for k in changed])
-    checkpoint.load_weights(model, folder, cfg.model.finetune)
-    checkpoint.restore_strategy(strategy, state["strategy"])
-    run.reset_rows(state["rows"])
-    run.log.info(f"resumed from {folder} (round {rnd} of {cfg.federation.rounds})")
-    return rnd + 1, float(state.get("elapsed_seconds", 0.0))
+    def fail(self, rnd: int, failures: list[dict], n_ok: int, n_sampled: int) -> None:
+        """Stop the run: keep a checkpoint of the last good round, raise one clear line."""
+        last = self.run.rows[-1]
+        if self.cfg.output.save_every and last["round"] > self.saved_round:
+            self.save_checkpoint(last)
+        who = "; ".join(f"client {f['partition']}: {f['error']}" for f in failures) or "none"
+        resume = (f"; resume from round {self.saved_round} with: fedtune run --resume "
+                  f"{self.run.dir}" if self.saved_round else "")
+        raise RunError(f"round {rnd}: {n_ok} of {n_sampled} sampled clients replied "
+                       f"(federation.min_clients = {self.cfg.federation.min_clients}) in "
+                       f"{self.cfg.federation.max_round_retries + 1} attempt(s); failures: "
+                       f"{who}{resume}")
 
-
-def run_suites(model, tokenizer, cfg: C.Config, out_dir, rnd: int, log) -> dict:
-    """Benchmarks beyond the task's own test split (MMLU); details to eval/*.json."""
-    import json
-
-    from fedtune import mmlu
-
-    out = {}
-    if "mmlu" in cfg.eval.suites:
-        e = cfg.eval
-        questions = mmlu.load_questions(e.mmlu_source, e.mmlu_subset, e.mmlu_split,
-                                        e.mmlu_max_questions, cfg.train.seed)
+    def evaluate(self, rnd: int) -> dict:
+        cfg = self.cfg
         t0 = time.perf_counter()
-        res = mmlu.evaluate_mmlu(model, tokenizer, questions, e.batch_size, e.mmlu_mode,
-                                 cfg.train.precision)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"mmlu-round-{rnd}.json").write_text(json.dumps(res, indent=2) + "\n")
-        out.update(eval_mmlu_accuracy=res["accuracy"],
-                   eval_mmlu_seconds=time.perf_counter() - t0)
-        for cat, v in res["by_category"].items():
-            out[f"eval_mmlu_{cat.replace(' ', '_')}"] = v["accuracy"]
-        log.info(f"round {rnd}: MMLU accuracy {res['accuracy']:.4f} on "
-                 f"{res['num_questions']} questions ({e.mmlu_mode} scoring)")
-    return out
+        res = evaluate_task(self.model, self.tokenizer, cfg, self.test_rows, self.test_examples)
+        res = {"round": rnd, **res, "eval_seconds": time.perf_counter() - t0}
+        every = cfg.eval.suites_every
+        if cfg.eval.suites and (rnd in (0, cfg.federation.rounds) or (every and rnd % every == 0)):
+            res |= run_suites(self.model, self.tokenizer, cfg, self.run.dir / "eval", rnd,
+                              self.log)
+        return res
+
+    def finish_round(self, row: dict) -> None:
+        """Best model, checkpoint, metrics line, trackers, plots: in that order, so a
+        checkpoint of round k always exists when metrics.jsonl shows round k."""
+        cfg, rnd = self.cfg, row["round"]
+        if self.best and self.best.update(row):
+            checkpoint.save_best(self.run.dir, rnd, self.model, self.tokenizer, self.metric,
+                                 row.get(self.metric))
+        self.stopper.update(row)
+        every = cfg.output.save_every
+        if every and rnd and (rnd % every == 0 or rnd == cfg.federation.rounds
+                              or self.stopper.should_stop()):
+            self.save_checkpoint(row)
+        self.run.append(row)
+        for t in self.trackers:
+            t.log(row)
+        if cfg.output.plots:
+            self._plots()
+        self.log.info(f"round {rnd}/{cfg.federation.rounds} {headline(row)}" + (
+            "" if not rnd else
+            f" train_loss {_fmt(row['train_loss'])} lr {row['lr']:.2e} | "
+            f"{row['round_seconds']:.1f}s, {row['tokens_per_s']:.0f} tok/s, down "
+            f"{row['bytes_down'] / 2**20:.2f} MiB up {row['bytes_up'] / 2**20:.2f} MiB, "
+            f"clients {row['clients_ok']}/{row['clients_sampled']}"))
+        if self.stopper.should_stop():
+            self.log.info(self.stopper.reason())
+
+    def save_checkpoint(self, row: dict) -> None:
+        lines = self.run.lines + ([row] if row not in self.run.lines else [])
+        state = {"round": row["round"], "rows": lines, "config": self.cfg.to_dict(),
+                 "strategy": checkpoint.strategy_state(self.strategy),
+                 "elapsed_seconds": self.elapsed_before + time.perf_counter() - self.t_start}
+        checkpoint.save_round(self.run.dir, row["round"], self.model, self.tokenizer, state,
+                              self.cfg.output.keep_last)
+        self.saved_round = row["round"]
+
+    def _plots(self) -> None:
+        """Refresh plots/*.png; a plotting problem is logged, never fatal to the run."""
+        try:
+            write_plots(self.run.dir)
+        except Exception as err:  # noqa: BLE001 - results matter more than pictures
+            self.log.warning(f"could not write plots: {err!r}")
+
+    def finish(self) -> dict:
+        """Final model (the best round's after early stopping), summary, report."""
+        cfg, run = self.cfg, self.run
+        stopped = self.stopper.should_stop()
+        final_round = run.rows[-1]["round"]
+        best = self.best.row["round"] if self.best and self.best.row else None
+        if stopped and best is not None and best != final_round:
+            checkpoint.load_weights(self.model, run.dir / "checkpoints" / "best",
+                                    cfg.model.finetune)
+            final_round = best
+            self.log.info(f"final model = best checkpoint (round {final_round})")
+        if cfg.output.save_final:
+            M.save_final(self.model, self.tokenizer, run.dir / "final")
+            self.log.info(f"final model (round {final_round}) saved with save_pretrained in "
+                          f"{run.dir / 'final'}")
+        summary = summarize(run.rows, self.elapsed_before + time.perf_counter() - self.t_start,
+                            self.metric, {
+            "config_hash": cfg.hash(), "model": cfg.model.name, "finetune": cfg.model.finetune,
+            "strategy": cfg.strategy.name, "trainable_parameters": self.trainable,
+            "client_failures": sum(r.get("clients_failed", 0) for r in run.rows),
+            "final_model": str(run.dir / "final") if cfg.output.save_final else None,
+            "final_model_round": final_round,
+            "stopped_early": stopped, "stop_reason": self.stopper.reason() if stopped else None,
+            "resumed_from_round": self.start_round - 1 if cfg.output.resume else None,
+            "manifest": manifest(cfg, self.parts),
+        })
+        run.write_summary(summary)
+        if cfg.output.plots:
+            try:
+                self.log.info(f"report: {write_report(run.dir)[1]}")
+            except Exception as err:  # noqa: BLE001
+                self.log.warning(f"could not write the report: {err!r}")
+        best_text = (f"best round {summary['best_round']} ({self.metric} "
+                     f"{_fmt(summary['best_value'])})")
+        self.log.info(f"done: {summary['rounds_completed']} rounds in "
+                      f"{summary['total_wall_seconds']:.0f}s; {best_text}; communicated "
+                      f"{(summary['total_bytes_down'] + summary['total_bytes_up']) / 2**20:.1f}"
+                      f" MiB; results in {run.dir}")
+        return summary
+
+
+def run_federation(grid, cfg: C.Config) -> dict:
+    """Run (or resume) every round against `grid`; return the summary in summary.json."""
+    return ServerLoop(grid, cfg).run_all()
 
 
 HEADLINE = ("eval_loss", "eval_ppl", "eval_accuracy", "eval_gen_accuracy", "eval_rougeL",

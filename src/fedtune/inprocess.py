@@ -2,54 +2,72 @@
 
 Why: baselines that are not federated (the pretrained model, centralized training on the
 union of client data, each client alone) should not pay for a federation engine, and tests
-of the round loop should not either. The messages, the ClientApp handler and the strategy
-are Flower's own; only the transport is a function call.
+of the round loop should not either. The messages, the ClientApp handlers and the strategy
+are Flower's own; only the transport is a function call. Node ids are random, as Flower's
+are, so nothing may depend on them.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Error, Message, RecordDict
+import random
+import uuid
+
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 
 from fedtune import config as C
+from fedtune.apps import client
+from fedtune.federation import run_federation
+from fedtune.simulation import CLIENT_APP_RAISED_EXCEPTION, prepare, set_task_identity
 
 
 class InProcessGrid:
-    """Hands each message straight to fedtune's ClientApp handler, as a SuperNode would."""
+    """Hands each message straight to fedtune's ClientApp handlers, as a SuperNode would.
+    An exception in a handler becomes an error reply, as Flower's runtimes do."""
 
-    def __init__(self, cfg: C.Config, fail_node: int | None = None):
-        from flwr.common.constant import SUPERLINK_NODE_ID
-        from flwr.supercore.task_identity import TaskIdentity
-
-        # what Flower's runtimes set before a ServerApp builds messages
-        TaskIdentity.task_id, TaskIdentity.run_id = 1, 1
-        TaskIdentity.node_id = SUPERLINK_NODE_ID
+    def __init__(self, cfg: C.Config):
+        set_task_identity(run_id=1)
         n = cfg.federation.num_clients
-        self.fail_node = fail_node
+        ids = random.Random().sample(range(1, 2**63), n)
         self.contexts = {
             node: Context(run_id=1, node_id=node, state=RecordDict(),
-                          node_config={"partition-id": node - 1, "num-partitions": n},
+                          node_config={"partition-id": pid, "num-partitions": n},
                           run_config={"config-json": cfg.to_json()})
-            for node in range(1, n + 1)}
+            for pid, node in enumerate(ids)}
+        self._replies: dict[str, Message] = {}
 
     def get_node_ids(self):
-        return list(self.contexts)
+        return set(self.contexts)
+
+    def handle(self, message: Message) -> Message:
+        handler = {MessageType.TRAIN: client.train,
+                   MessageType.QUERY: client.query}[message.metadata.message_type]
+        try:
+            return handler(message, self.contexts[message.metadata.dst_node_id])
+        except Exception as ex:  # noqa: BLE001 - a client's failure is a reply, not a crash
+            return error_reply(message, ex)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self._replies[m.metadata.message_id] = self.handle(m)
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(self, messages, timeout=None):
-        from fedtune.apps import client
+        return self.pull_messages(self.push_messages(messages))
 
-        replies = []
-        for m in messages:
-            if m.metadata.dst_node_id == self.fail_node:
-                replies.append(Message(Error(code=1, reason="client crashed"), reply_to=m))
-            else:
-                replies.append(client.train(m, self.contexts[m.metadata.dst_node_id]))
-        return replies
+
+def error_reply(message: Message, ex: Exception) -> Message:
+    """The reply Flower's runtimes send when a ClientApp raises."""
+    return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex)}:<'{ex}'>"),
+                   reply_to=message)
 
 
 def run_inprocess(cfg: C.Config) -> dict:
     """`run_federation` with in-process clients; returns the summary."""
-    from fedtune.federation import run_federation
-    from fedtune.simulation import prepare
-
     prepare(cfg)
     return run_federation(InProcessGrid(cfg), cfg)

@@ -28,11 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.config import Config
+from fedtune.errors import KDError
 from fedtune.tasks import IGNORE
-
-
-class KDError(ValueError):
-    """Knowledge distillation cannot work with this teacher/student pair."""
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

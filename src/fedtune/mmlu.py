@@ -11,7 +11,9 @@ import random
 import string
 from collections import defaultdict
 
-from fedtune.data import DataError
+from fedtune.config import DataConfig
+from fedtune.data import load_source
+from fedtune.errors import DataError
 from fedtune.scoring import choose, score_candidates
 
 # hendrycks/test categories.py: subject -> subcategory, subcategory -> category
@@ -79,9 +81,6 @@ def load_questions(source: str, subset: str = "all", split: str = "test",
     """Rows {question, choices, answer (int), subject} from a hub id (e.g. cais/mmlu), a local
     .jsonl/.json/.csv/.parquet file, or offline:NAME. `max_questions` > 0 keeps a seeded
     random sample (in source order, so subjects stay grouped)."""
-    from fedtune.config import DataConfig
-    from fedtune.data import load_source
-
     ds = load_source(DataConfig(source=source, subset=subset, split=split), required=())
     missing = [c for c in REQUIRED if c not in ds.column_names]
     if missing:

@@ -7,37 +7,107 @@ fine-tuning every parameter (tied weights once, since `named_parameters` de-dupl
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from fedtune import assets
-from fedtune.config import Config
+from fedtune.config import Config, looks_local
+from fedtune.errors import HubModelError, ModelError
 
 LINEAR_HINTS = ("proj", "attn", "query", "key", "value", "dense", "fc")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# config attributes that bound the sequence length of learned position embeddings
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
-class ModelError(ValueError):
-    """The model could not be loaded as the recipe asks."""
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    """bf16 autocast (weights keep their dtype) or nothing; used by training and evaluation."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _load_error(name: str, err: Exception) -> ModelError:
+    """One sentence for a model that cannot be loaded, with the fix."""
+    if looks_local(name):
+        return ModelError(f"cannot load `model.name` = {name!r} from its local folder: "
+                          f"{str(err).strip().splitlines()[0]}")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    local_hint = (f" (there is no local folder {name!r} either)" if "/" in name else "")
+    return HubModelError(
+        f"cannot load `model.name` = {name!r}: the Hugging Face hub is "
+        f"{'switched off (HF_HUB_OFFLINE=1)' if offline else 'unreachable or has no such model'}"
+        f" and the model is not in the local cache{local_hint}; use a local folder "
+        "(save_pretrained format, e.g. ./models/mine) or a packaged offline:NAME "
+        f"({', '.join(assets.PREFIX + k for k in assets.OFFLINE_MODELS)})")
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(assets.resolve_model(name))
+    try:
+        tok = AutoTokenizer.from_pretrained(assets.resolve_model(name))
+    except OSError as err:
+        raise _load_error(name, err) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
+def load_config(name: str):
+    """The model's config.json (a few KB): what preflight checks read before any weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(assets.resolve_model(name))
+    except (OSError, ValueError) as err:
+        raise _load_error(name, err) from None
+
+
+def position_limit(config) -> tuple[int | None, bool]:
+    """(the longest sequence the model's position embeddings cover, whether it uses RoPE,
+    which extrapolates past that silently instead of failing)."""
+    limit = next((getattr(config, k) for k in POSITION_LIMITS
+                  if isinstance(getattr(config, k, None), int)), None)
+    rope = any(getattr(config, k, None) for k in ("rope_theta", "rope_parameters",
+                                                  "rope_scaling"))
+    return limit, rope
+
+
+def module_names(cfg: Config) -> list[str]:
+    """Every module name of the model, from a weightless (meta-device) copy: what LoRA's
+    `target_modules` are matched against, known before any weights load."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = load_config(cfg.model.name)
+    cls = (AutoModelForSequenceClassification if cfg.task.type == "sequence-classification"
+           else AutoModelForCausalLM)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    return [n for n, _ in model.named_modules() if n]
+
+
+def check_lora_targets(names: list[str], targets: list[str], model_name: str) -> None:
+    """Every listed target must adapt at least one module (PEFT matches a module whose
+    name equals the target or ends with `.target`); a typo must not pass silently."""
+    if targets == ["all-linear"]:
+        return
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        leaves = {n.split(".")[-1] for n in names}
+        linear = sorted(n for n in leaves if any(k in n for k in LINEAR_HINTS))[:10]
+        raise ModelError(f"`lora.target_modules` {unmatched} match no module of {model_name} "
+                         f"(listed: {targets}); its layers include {linear}")
+
+
 def check_runtime(cfg: Config) -> None:
     """Fail before any process starts when the machine cannot do what the recipe asks."""
     if cfg.model.quantization:
-        import importlib.util
-
         if not torch.cuda.is_available():
             raise ModelError(f"`model.quantization = \"{cfg.model.quantization}\"` (QLoRA) "
                              "needs a CUDA GPU (bitsandbytes quantizes on the GPU) and this "
@@ -84,9 +154,7 @@ def load_model(cfg: Config, seed: int | None = None):
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
-        hint = ("" if os.environ.get("HF_HUB_OFFLINE") != "1" else
-                " (HF_HUB_OFFLINE=1 is set: hub ids only work if already in the HF cache)")
-        raise ModelError(f"cannot load `model.name` = {cfg.model.name!r}: {err}{hint}") from None
+        raise _load_error(cfg.model.name, err) from None
     model.config.use_cache = False
     if cfg.model.quantization:
         from peft import prepare_model_for_kbit_training
@@ -110,11 +178,7 @@ def add_lora(model, cfg: Config, seed: int):
 
     names = cfg.lora.target_modules
     target = "all-linear" if names == ["all-linear"] else names
-    present = {n.split(".")[-1] for n, _ in model.named_modules()}
-    if target != "all-linear" and not set(names) & present:
-        raise ModelError(f"`lora.target_modules` {names} match no module of "
-                         f"{cfg.model.name}; linear layers here include e.g. "
-                         f"{sorted(n for n in present if any(k in n for k in LINEAR_HINTS))[:8]}")
+    check_lora_targets([n for n, _ in model.named_modules()], names, cfg.model.name)
     torch.manual_seed(seed)  # identical adapter init on server and every client
     # SEQ_CLS makes PEFT train (and us send) the new classifier head along with the adapter
     task_type = "SEQ_CLS" if cfg.task.type == "sequence-classification" else "CAUSAL_LM"

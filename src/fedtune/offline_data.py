@@ -19,6 +19,8 @@ import warnings
 import zipfile
 from pathlib import Path
 
+from fedtune.errors import DataError
+
 # --- VADER ground truth (Hutto & Gilbert, ICWSM 2014), inside the vaderSentiment sdist ---
 VADER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 VADER_DOMAINS = {  # file prefix -> short domain name
@@ -58,7 +60,7 @@ def vader_rows(sdist: Path) -> list[dict]:
             if prefix in VADER_DOMAINS and member.name.endswith("_GroundTruth.txt"):
                 texts[VADER_DOMAINS[prefix]] = tar.extractfile(member).read().decode("utf-8")
     if sorted(texts) != sorted(VADER_DOMAINS.values()):
-        raise ValueError(f"{sdist} lacks some VADER ground-truth files; found {sorted(texts)}")
+        raise DataError(f"{sdist} lacks some VADER ground-truth files; found {sorted(texts)}")
     return [row for domain in sorted(texts) for row in parse_vader_tsv(texts[domain], domain)]
 
 

@@ -16,7 +16,7 @@ from collections import Counter
 from datasets import Dataset
 
 from fedtune import config as C
-from fedtune.data import DataError
+from fedtune.errors import DataError
 
 BY_COLUMN = ("dirichlet", "shards", "natural")  # the partitioners that need `partition_by`
 

@@ -16,6 +16,8 @@ import platform
 import sys
 from pathlib import Path
 
+from fedtune.results import best_round, read_metrics
+
 MIB = 2**20
 _CORE_EVAL = {"eval_loss", "eval_ppl", "eval_seconds"}
 
@@ -29,18 +31,8 @@ def _num(v) -> float | None:
 
 
 def load_rows(run_dir: str | Path) -> list[dict]:
-    """metrics.jsonl rows by round; a half-written last line (run in progress) is skipped."""
-    rows: dict[int, dict] = {}
-    path = Path(run_dir) / "metrics.jsonl"
-    for line in (path.read_text().splitlines() if path.is_file() else []):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and _num(row.get("round")) is not None:
-            row["round"] = int(row["round"])
-            rows[row["round"]] = row  # a resumed run may repeat a round: last wins
-    return [rows[k] for k in sorted(rows)]
+    """Completed rounds of metrics.jsonl (`results.read_metrics`)."""
+    return read_metrics(run_dir)
 
 
 def _load_json(path: Path) -> dict:
@@ -58,10 +50,9 @@ def task_metrics(rows: list[dict]) -> list[str]:
     return sorted(keys)
 
 
-def best_row(rows: list[dict]) -> dict | None:
-    """The round with the lowest eval loss (round 0 included, as in summary.json)."""
-    scored = [r for r in rows if _num(r.get("eval_loss")) is not None]
-    return min(scored, key=lambda r: r["eval_loss"]) if scored else None
+def best_row(rows: list[dict], metric: str = "eval_loss") -> dict | None:
+    """The best round by `metric` (`results.best_round`; round 0 included)."""
+    return best_round(rows, metric)
 
 
 def _series(rows, key, scale=1.0, first=0):
@@ -416,7 +407,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     trained = [r for r in rows if r["round"] > 0]
     down, up = _total(rows, "bytes_down"), _total(rows, "bytes_up")
     wall = _num(summary.get("total_wall_seconds"))
-    best = best_row(rows)
+    metric = summary.get("best_metric") or (cfg.get("eval") or {}).get("metric") or "eval_loss"
+    best = best_row(rows, metric)
     status = "finished" if summary else "in progress (no summary.json yet)"
     if summary.get("stopped_early"):
         status = f"stopped early: {summary.get('stop_reason') or 'no reason recorded'}"
@@ -425,8 +417,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         ("rounds completed", str(len(trained))),
         ("wall time", _duration(wall) if wall is not None else
          f"{_duration(_total(rows, 'round_seconds'))} so far (sum of round times)"),
-        ("best round", "none" if best is None else str(best["round"])),
-        ("best eval loss", _fmt(best and best["eval_loss"])),
+        (f"best round (by {metric})", "none" if best is None else str(best["round"])),
+        (f"best {metric}", _fmt(best and best[metric])),
         ("final eval loss", _fmt(rows[-1].get("eval_loss") if rows else None)),
         ("MiB down / up / total",
          f"{down / MIB:.2f} / {up / MIB:.2f} / {(down + up) / MIB:.2f}"),

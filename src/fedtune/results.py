@@ -1,7 +1,9 @@
 """The run folder: resolved config, one metrics line per round as it ends, summary, log.
 
 Why line-per-round with fsync: a run killed in round 7 (an OOM kill, exit 137) must still
-leave rounds 0..6 on disk.
+leave rounds 0..6 on disk. Why the overwrite rule: a rerun into an old folder must not mix
+its checkpoints, plots or summary with the old run's, so every artefact of the old run goes
+before the new one writes anything.
 """
 
 from __future__ import annotations
@@ -11,13 +13,22 @@ import logging
 import math
 import os
 import resource
+import shutil
 from pathlib import Path
 
 import tomli_w
 
-from fedtune.config import Config
+from fedtune import __version__
+from fedtune.config import Config, metric_mode
+from fedtune.partition import groups, histogram
+from fedtune.errors import ConfigError
 
 LOGGER_NAME = "fedtune"
+# everything a run writes into its folder (a rerun with overwrite removes all of it)
+ARTEFACTS = ("config.toml", "metrics.jsonl", "summary.json", "partitions.json", "run.log",
+             "report.md", "report.html", "checkpoints", "final", "eval", "plots",
+             "tensorboard")
+FAILED = "failed"  # `status` of a metrics line that records a round attempt that failed
 
 
 def peak_rss_mb() -> float:
@@ -25,59 +36,108 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_metrics(run_dir: str | Path, failed: bool = False) -> list[dict]:
+    """The rows of metrics.jsonl, one per completed round in round order (a half-written
+    last line of a run in progress is skipped; a round written twice keeps its last line).
+    `failed=True` returns every line as written, failed round attempts included."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = []
+    for text in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            row = json.loads(text)
+        except ValueError:
+            continue
+        rnd = row.get("round") if isinstance(row, dict) else None
+        if isinstance(rnd, (int, float)) and not isinstance(rnd, bool) and float(rnd).is_integer():
+            row["round"] = int(rnd)
+            lines.append(row)
+    if failed:
+        return lines
+    by_round = {r["round"]: r for r in lines if r.get("status") != FAILED}
+    return [by_round[k] for k in sorted(by_round)]
+
+
+def best_round(rows: list[dict], metric: str) -> dict | None:
+    """The row with the best finite `metric` (lowest for losses, highest otherwise); the
+    earliest round wins ties. The one rule summary.json, checkpoints/best, early stopping,
+    reports and comparisons share."""
+    sign = 1.0 if metric_mode(metric) == "min" else -1.0
+    scored = [r for r in rows if isinstance(r.get(metric), (int, float))
+              and not isinstance(r.get(metric), bool) and math.isfinite(r[metric])]
+    return min(scored, key=lambda r: (sign * r[metric], r["round"])) if scored else None
+
+
+def is_run_folder(folder: Path) -> bool:
+    return (Path(folder) / "config.toml").is_file() or (Path(folder) / "metrics.jsonl").is_file()
+
+
+def clear_old_run(folder: Path, overwrite: bool) -> None:
+    """Before a fresh run: remove every artefact of an earlier run in `folder`, or refuse
+    when `output.overwrite` is false. Files fedtune did not write are left alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    old = [folder / name for name in ARTEFACTS if (folder / name).exists()]
+    if not old:
+        return
+    if not overwrite:
+        raise ConfigError([f"run folder {folder} holds an earlier run and `output.overwrite` "
+                           "is false; choose another `output.dir`, set output.overwrite=true, "
+                           f"or continue it with: fedtune run --resume {folder}"])
+    for path in old:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 class RunFolder:
+    """The folder a run writes to; `lines` are metrics.jsonl's lines, `rows` the completed
+    rounds among them."""
+
     def __init__(self, cfg: Config):
         self.dir = Path(cfg.output.dir).expanduser().absolute()
-        resume = cfg.output.resume
-        if (self.dir.exists() and any(self.dir.iterdir()) and not cfg.output.overwrite
-                and not resume):
-            raise FileExistsError(f"run folder {self.dir} is not empty and "
-                                  "`output.overwrite` is false")
+        if not cfg.output.resume:
+            clear_old_run(self.dir, cfg.output.overwrite)
         self.dir.mkdir(parents=True, exist_ok=True)
         resolved = cfg.to_dict()
         resolved["output"]["resume"] = False  # the file re-runs the experiment from scratch
-        (self.dir / "config.toml").write_text(
-            f"# resolved config, hash {cfg.hash()}\n" + tomli_w.dumps(resolved))
+        atomic_write_text(self.dir / "config.toml",
+                          f"# resolved config, hash {cfg.hash()}\n" + tomli_w.dumps(resolved))
         self.metrics_path = self.dir / "metrics.jsonl"
-        if not resume:
+        if not cfg.output.resume:
             self.metrics_path.write_text("")
-            for stale in ("summary.json", "report.md", "report.html"):
-                (self.dir / stale).unlink(missing_ok=True)
-        self.rows: list[dict] = []
+        self.lines: list[dict] = []
         self.log = _file_logger(self.dir / "run.log")
 
-    def reset_rows(self, rows: list[dict]) -> None:
-        """On resume: metrics.jsonl holds exactly the checkpoint's rounds again."""
-        self.rows = []
+    @property
+    def rows(self) -> list[dict]:
+        return [r for r in self.lines if r.get("status") != FAILED]
+
+    def reset_lines(self, lines: list[dict]) -> None:
+        """On resume: metrics.jsonl holds exactly the checkpoint's lines again."""
+        self.lines = []
         self.metrics_path.write_text("")
-        for row in rows:
-            self.append(row)
+        for line in lines:
+            self.append(line)
 
     def write_json(self, name: str, obj) -> None:
-        tmp = self.dir / f"{name}.tmp"
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        tmp.replace(self.dir / name)
-
-    def plots(self) -> None:
-        """Refresh plots/*.png; a plotting problem is logged, never fatal to the run."""
-        try:
-            from fedtune.report import write_plots
-
-            write_plots(self.dir)
-        except Exception as err:  # noqa: BLE001 - results matter more than pictures
-            self.log.warning(f"could not write plots: {err!r}")
-
-    def report(self) -> None:
-        try:
-            from fedtune.report import write_report
-
-            md, html = write_report(self.dir)
-            self.log.info(f"report: {html}")
-        except Exception as err:  # noqa: BLE001
-            self.log.warning(f"could not write the report: {err!r}")
+        atomic_write_json(self.dir / name, obj)
 
     def append(self, row: dict) -> None:
-        self.rows.append(row)
+        self.lines.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
@@ -108,19 +168,16 @@ def _file_logger(path: Path) -> logging.Logger:
     return logger
 
 
-def summarize(rows: list[dict], wall_seconds: float, extra: dict) -> dict:
-    """Best round by eval loss, final metrics and totals over rounds."""
-    evaluated = [r for r in rows if r.get("eval_loss") is not None
-                 and math.isfinite(r["eval_loss"])]
-    best = min(evaluated, key=lambda r: r["eval_loss"]) if evaluated else None
+def summarize(rows: list[dict], wall_seconds: float, metric: str, extra: dict) -> dict:
+    """Best round by `metric` (see `best_round`), final metrics and totals over rounds."""
+    best = best_round(rows, metric)
     trained = [r for r in rows if r["round"] > 0]
-    from fedtune import __version__
-
     return {
         "fedtune_version": __version__,
         "rounds_completed": len(trained),
+        "best_metric": metric,
         "best_round": best["round"] if best else None,
-        "best_eval_loss": best["eval_loss"] if best else None,
+        "best_value": best[metric] if best else None,
         "initial": rows[0] if rows else None,
         "final": rows[-1] if rows else None,
         "total_wall_seconds": wall_seconds,
@@ -137,8 +194,6 @@ def partition_report(parts, column: str | None = None, label_names=None,
     """partitions.json: per client the number of samples and, when `column` is set, the
     examples per label/group (how non-IID the split is). `partitioner`: a title such as
     `partition.describe(cfg.data)`."""
-    from fedtune.partition import groups, histogram
-
     out = {"column": column, "groups": groups(parts, column, label_names), "clients": [
         {"client": i, "num_examples": len(p), "histogram": histogram(p, column, label_names)}
         for i, p in enumerate(parts)]}
@@ -152,8 +207,6 @@ def manifest(cfg: Config, parts) -> dict:
     import subprocess
     import sys
     from importlib import metadata
-
-    from fedtune import __version__
 
     versions = {}
     for pkg in ("torch", "transformers", "peft", "flwr", "flwr-datasets", "datasets"):

@@ -12,7 +12,7 @@ import inspect
 
 import torch
 
-from fedtune.train import autocast
+from fedtune.model import autocast
 
 
 def _appends_eos(tokenizer) -> bool:

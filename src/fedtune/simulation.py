@@ -11,10 +11,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-from fedtune import assets, config as C
+from flwr.app import Context, RecordDict
+
+# Private Flower internals, checked against flwr 1.41.0 (tests/test_flower_internals.py
+# fails loudly when an upgrade moves them); nowhere else in fedtune.
+from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+from flwr.common.constant import ErrorCode
+from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+from flwr.simulation.run_simulation import _run_simulation
+from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.telemetry import EventType
+
+from fedtune import config as C, kd
+from fedtune.apps import client, server, write_app_folder
+from fedtune.errors import RunError
+from fedtune.preflight import preflight
+
+CLIENT_APP_RAISED_EXCEPTION = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -25,36 +44,32 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS": "0",
 }
 
-def prepare(cfg: C.Config) -> None:
-    """Work done once before any process starts: convert offline weights, resolve paths."""
-    from fedtune import model as M
-    from fedtune.data import load_data
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
+
+def prepare(cfg: C.Config, echo=_stderr) -> list[str]:
+    """Work done once before any process starts: checks against the model and data (one
+    clear line on bad input), offline weights converted, the KD teacher trained. Returns
+    the warnings it printed."""
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
-    M.check_runtime(cfg)  # e.g. QLoRA without CUDA
-    # Data errors (missing column, empty partition) surface here, before Ray starts.
-    load_data(cfg)
-    assets.resolve_model(cfg.model.name)
+    warnings = preflight(cfg)
+    for w in warnings:
+        echo(f"fedtune: warning: {w}")
     if cfg.kd.enabled:  # train (or find) the teacher once, before any client needs it
-        from fedtune import kd
+        kd.ensure_teacher(cfg, log=lambda s: echo(f"[fedtune] {s}"))
+    return warnings
 
-        kd.ensure_teacher(cfg, log=lambda s: print(f"[fedtune] {s}", flush=True))
+
+def set_task_identity(run_id: int) -> None:
+    """What Flower's runtimes set before a ServerApp builds messages (private, 1.41)."""
+    TaskIdentity.task_id, TaskIdentity.run_id = 1, run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
 
 
 def run_simulation(cfg: C.Config) -> dict:
     """Run all rounds with `federation.num_clients` simulated SuperNodes; return summary."""
-    from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
-
-    from fedtune.apps import client, server, write_app_folder
-
     prepare(cfg)
     run_config = {"config-json": cfg.to_json()}
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
@@ -62,8 +77,7 @@ def run_simulation(cfg: C.Config) -> dict:
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
     run.federation_id = NOOP_FEDERATION_ID
     run.override_config = run_config
-    TaskIdentity.task_id, TaskIdentity.run_id = 1, run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    set_task_identity(run_id)
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=dict(run_config))
     backend_config = {
@@ -85,6 +99,6 @@ def run_simulation(cfg: C.Config) -> dict:
         shutil.rmtree(app_dir, ignore_errors=True)
     summary_path = Path(cfg.output.dir).expanduser().absolute() / "summary.json"
     if not summary_path.exists():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; "
-                           "see run.log in that folder")
+        raise RunError(f"the simulation ended without writing {summary_path}; see run.log "
+                       "in that folder")
     return json.loads(summary_path.read_text())

@@ -15,12 +15,17 @@ Batches are padded to their own longest example, not to a global maximum.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 import string
 
 import torch
 
+from fedtune import assets, data
 from fedtune.config import Config, TaskConfig
-from fedtune.data import DataError, pack_blocks
+from fedtune.data import pack_blocks
+from fedtune.errors import DataError
 from fedtune.scoring import encode_completion, encode_prompt
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
@@ -254,3 +259,43 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def count_tokens(examples: list[dict]) -> int:
     return sum(len(e["input_ids"]) for e in examples)
+
+
+# ---------------------------------------------------------------- one client's examples
+
+def client_examples(cfg: Config, pid: int, tokenizer, data_path: str = "") -> list[dict]:
+    """Client `pid`'s encoded examples: its partition of the shared source, or all of its
+    own `data-path` (a SuperNode's local data), cached on disk under
+    $FEDTUNE_CACHE/examples because Flower's deployment runtime starts a fresh process for
+    every message. The key holds everything the examples depend on, the content of the
+    source included: file sizes and times for local and packaged sources, the loaded
+    dataset's fingerprint (which follows its revision) for hub datasets."""
+    src_cfg = dataclasses.replace(cfg.data, source=data_path) if data_path else cfg.data
+    stamp, part = data.source_stamp(src_cfg), None
+    if stamp is None:  # a hub dataset: identify it by what was loaded
+        part = _load_partition(cfg, pid, data_path)
+        stamp = part._fingerprint
+    key = (repr(cfg.data), repr(cfg.task), stamp, cfg.model.name, cfg.train.seed,
+           cfg.federation.num_clients, pid, data_path,
+           cfg.kd.teacher_data_pct)  # the public slice is cut from the pool before partitioning
+    disk = assets.cache_dir() / "examples" / (
+        hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".pt")
+    if disk.exists():
+        return torch.load(disk)
+    examples = encode(part if part is not None else _load_partition(cfg, pid, data_path),
+                      tokenizer, cfg)
+    disk.parent.mkdir(parents=True, exist_ok=True)
+    tmp = disk.with_suffix(f".tmp{os.getpid()}")
+    torch.save(examples, tmp)
+    os.replace(tmp, disk)
+    return examples
+
+
+def _load_partition(cfg: Config, pid: int, data_path: str):
+    if data_path:
+        part = data.load_source(dataclasses.replace(cfg.data, source=data_path),
+                                required_columns(cfg))
+        if len(part) == 0:
+            raise DataError(f"data-path {data_path} holds no samples")
+        return part
+    return data.load_data(cfg)[1][pid]

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from fedtune.config import TrainConfig
+from fedtune.model import autocast
+from fedtune.tasks import IGNORE, collate
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The seed of one client's round (batch order, dropout): a pure function of the run's
+    seed, the round and the partition, so resume and deployment reproduce simulation."""
+    return seed * 100_003 + server_round * 1_009 + partition_id
+
+
+def sampling_seed(seed: int, server_round: int, attempt: int = 0) -> int:
+    """The seed of the server's client sampling in a round (and in each retry of it)."""
+    return seed * 7_919 + server_round + 1_000_003 * attempt
 
 
 def lr_for_round(server_round: int, num_rounds: int, cfg: TrainConfig) -> float:
@@ -34,10 +46,13 @@ def num_local_steps(n_examples: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(per_epoch * cfg.local_epochs))
 
 
-def autocast(precision: str, device: torch.device | str = "cpu"):
-    if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
+def target_count(batch: dict) -> int:
+    """How many targets a micro-batch's mean loss averages over: labelled next tokens for
+    language models (labels [B, T], shifted by one), examples for classifiers (labels [B])."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels.numel()
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
 def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> torch.Tensor:
@@ -47,7 +62,7 @@ def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> to
 
 @dataclass
 class TrainResult:
-    loss: float          # mean task loss of the micro-batches seen (without the prox term)
+    loss: float          # mean task loss per target (token or example), without the prox term
     steps: int
     samples: int         # examples trained on (with repeats across epochs)
     tokens: int          # non-padding tokens trained on
@@ -60,12 +75,15 @@ def train_local(model, examples: list[dict], cfg: TrainConfig, lr: float, proxim
     """Train `model` in place on `examples` (see fedtune.tasks) for this round's steps.
 
     The task loss is `model(**batch).loss` (the masks in the batch decide which tokens
-    count), or `loss_fn(model, batch)` when given (knowledge distillation).
-    FedProx: the client adds `mu/2 * ||w - w_global||^2` to its loss, where w_global are the
-    trainable tensors as received this round. mu = 0 is exactly FedAvg's client.
+    count), or `loss_fn(model, batch)` when given (knowledge distillation); both are means
+    over the micro-batch's targets. With gradient accumulation each micro-batch's mean is
+    weighted by its share of the window's targets, so a step's gradient is that of the mean
+    over every target token in the window (micro-batches of masked tasks hold different
+    numbers of targets), exactly as one big batch would give.
+    FedProx: the client adds `mu/2 * ||w - w_global||^2` (once per step) to its loss, where
+    w_global are the trainable tensors as received this round. mu = 0 is exactly FedAvg's
+    client.
     """
-    from fedtune.tasks import collate  # tasks -> scoring -> train (autocast): import late
-
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     if cfg.optimizer == "adamw":
@@ -78,32 +96,37 @@ def train_local(model, examples: list[dict], cfg: TrainConfig, lr: float, proxim
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(examples), generator=gen)
-    cursor, total_loss, n_micro, samples, tokens = 0, 0.0, 0, 0, 0
+    cursor, loss_sum, targets_seen, samples, tokens = 0, 0.0, 0, 0, 0
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
+        window = []
         for _ in range(cfg.grad_accum):
             if cursor >= len(order):  # next epoch: a fresh permutation
                 order, cursor = torch.randperm(len(examples), generator=gen), 0
             picked = [examples[i] for i in order[cursor: cursor + cfg.batch_size].tolist()]
-            batch = {k: v.to(model.device) for k, v in collate(picked, pad_id).items()}
             cursor += cfg.batch_size
+            window.append((len(picked), {k: v.to(model.device)
+                                         for k, v in collate(picked, pad_id).items()}))
+        counts = [target_count(batch) for _, batch in window]
+        total_targets = max(sum(counts), 1)
+        for i, ((n_picked, batch), count) in enumerate(zip(window, counts)):
             with autocast(cfg.precision, model.device):
                 loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
-            total = loss
-            if anchors:
-                total = loss + proximal_mu / 2 * proximal_term(params, anchors)
-            (total / cfg.grad_accum).backward()
-            total_loss += loss.item()
-            n_micro += 1
-            samples += len(picked)
+            weighted = loss * (count / total_targets)
+            if anchors and i == 0:
+                weighted = weighted + proximal_mu / 2 * proximal_term(params, anchors)
+            weighted.backward()
+            loss_sum += loss.item() * count
+            targets_seen += count
+            samples += n_picked
             tokens += int(batch["attention_mask"].sum())
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-            log(f"step {step + 1}/{steps} loss {total_loss / n_micro:.4f}")
+            log(f"step {step + 1}/{steps} loss {loss_sum / max(targets_seen, 1):.4f}")
     seconds = time.perf_counter() - t0
-    return TrainResult(loss=total_loss / max(n_micro, 1), steps=steps, samples=samples,
+    return TrainResult(loss=loss_sum / max(targets_seen, 1), steps=steps, samples=samples,
                        tokens=tokens, seconds=seconds)

@@ -1,0 +1,66 @@
+"""In-process grids for tests: faults and observations are injected here, never in src/."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, MessageType
+
+from fedtune.inprocess import InProcessGrid, error_reply
+
+
+class Killed(BaseException):
+    """Stands for the process dying (SIGKILL, OOM): nothing after it runs, not even except."""
+
+
+class FailingGrid(InProcessGrid):
+    """Clients of `partitions` raise in the rounds in `rounds` (all rounds if None)."""
+
+    def __init__(self, cfg, partitions, rounds=None, error="client crashed"):
+        super().__init__(cfg)
+        self.partitions, self.rounds, self.error = set(partitions), rounds, error
+
+    def handle(self, message):
+        pid = self.contexts[message.metadata.dst_node_id].node_config["partition-id"]
+        if message.metadata.message_type == MessageType.TRAIN and pid in self.partitions:
+            rnd = int(message.content["config"]["server-round"])
+            if self.rounds is None or rnd in self.rounds:
+                return error_reply(message, RuntimeError(self.error))
+        return super().handle(message)
+
+
+class KilledInRound(InProcessGrid):
+    """The server process 'dies' when round `rnd` starts sending (after round rnd-1 ended)."""
+
+    def __init__(self, cfg, rnd):
+        super().__init__(cfg)
+        self.kill_round = rnd
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if int(messages[0].content["config"]["server-round"]) >= self.kill_round:
+            raise Killed()
+        return super().send_and_receive(messages, timeout)
+
+
+class RecordingGrid(InProcessGrid):
+    """Keeps a copy of every train reply (partition, num-examples, arrays) per round."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.replies: dict[int, list[tuple[int, int, dict]]] = {}
+        self.sent: dict[int, dict] = {}
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        rnd = int(messages[0].content["config"]["server-round"])
+        self.sent[rnd] = {k: v.numpy().copy()
+                          for k, v in messages[0].content["arrays"].items()}
+        replies = super().send_and_receive(messages, timeout)
+        self.replies[rnd] = [(int(r.content["metrics"]["partition_id"]),
+                              int(r.content["metrics"]["num-examples"]),
+                              {k: v.numpy().copy() for k, v in r.content["arrays"].items()})
+                             for r in replies if not r.has_error()]
+        return replies
+
+
+def arrays_of(record: ArrayRecord) -> dict:
+    return {k: v.numpy() for k, v in record.items()}
