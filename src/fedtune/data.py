@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset, concatenate_datasets, load_dataset
 
 from fedtune import __version__, assets, partition
-from fedtune.config import DATA_SUFFIXES, DataConfig, looks_local
+from fedtune.config import DATA_SUFFIXES, DataConfig, check_data_file, looks_local
 from fedtune.errors import DataError, HubDataError
 
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
@@ -70,37 +70,12 @@ def _load_file(path: Path) -> Dataset:
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty: no rows to train on")
     try:
-        return load_dataset(FILE_KINDS[path.suffix], data_files=str(path), split="train")
+        with partition.quiet():
+            return load_dataset(FILE_KINDS[path.suffix], data_files=str(path), split="train")
     except Exception as err:  # noqa: BLE001 - datasets/pyarrow raise many kinds; say which line
-        raise DataError(_diagnose(path) or f"cannot read {path}: {type(err).__name__}: "
+        raise DataError(check_data_file(path, limit=None) or f"cannot read {path}: {type(err).__name__}: "
                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
                         ) from None
-
-
-def _diagnose(path: Path) -> str | None:
-    """Why a local file failed to load, in one sentence (None if no specific reason)."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        return (f"data file {path} is not UTF-8 text (line {line}, byte {err.start}); "
-                "re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8")
-    if not text.strip():
-        return f"data file {path} holds only whitespace: no rows to train on"
-    if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as err:
-                return (f"data file {path} line {number} is not valid JSON ({err.msg}, "
-                        f"column {err.colno}); fix or remove that line")
-            if not isinstance(obj, dict):
-                return (f"data file {path} line {number} is a JSON {type(obj).__name__}, "
-                        "not an object with named columns")
-    return None
 
 
 def source_stamp(cfg: DataConfig) -> str | None:

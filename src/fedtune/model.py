@@ -8,7 +8,6 @@ fine-tuning every parameter (tied weights once, since `named_parameters` de-dupl
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fedtune import assets
-from fedtune.config import Config, looks_local
+from fedtune.config import Config, hub_unreachable, looks_local
 from fedtune.errors import HubModelError, ModelError
 
 LINEAR_HINTS = ("proj", "attn", "query", "key", "value", "dense", "fc")
@@ -37,14 +36,7 @@ def _load_error(name: str, err: Exception) -> ModelError:
     if looks_local(name):
         return ModelError(f"cannot load `model.name` = {name!r} from its local folder: "
                           f"{str(err).strip().splitlines()[0]}")
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    local_hint = (f" (there is no local folder {name!r} either)" if "/" in name else "")
-    return HubModelError(
-        f"cannot load `model.name` = {name!r}: the Hugging Face hub is "
-        f"{'switched off (HF_HUB_OFFLINE=1)' if offline else 'unreachable or has no such model'}"
-        f" and the model is not in the local cache{local_hint}; use a local folder "
-        "(save_pretrained format, e.g. ./models/mine) or a packaged offline:NAME "
-        f"({', '.join(assets.PREFIX + k for k in assets.OFFLINE_MODELS)})")
+    return HubModelError(hub_unreachable(name))
 
 
 def load_tokenizer(name: str):
@@ -79,17 +71,36 @@ def position_limit(config) -> tuple[int | None, bool]:
     return limit, rope
 
 
-def module_names(cfg: Config) -> list[str]:
-    """Every module name of the model, from a weightless (meta-device) copy: what LoRA's
-    `target_modules` are matched against, known before any weights load."""
+def module_names(cfg: Config, config=None, from_files: bool = True) -> list[str]:
+    """Every module name of the model without loading weights: what LoRA's
+    `target_modules` are matched against. A local folder's safetensors headers list its
+    parameters (milliseconds; tied weights such as lm_head may be missing there), otherwise,
+    or with `from_files=False`, a weightless (meta-device) copy is built."""
+    found = _names_in_safetensors(Path(assets.resolve_model(cfg.model.name))) if from_files \
+        else []
+    if found and cfg.task.type != "sequence-classification":
+        return found
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = load_config(cfg.model.name)
+    config = config or load_config(cfg.model.name)
     cls = (AutoModelForSequenceClassification if cfg.task.type == "sequence-classification"
            else AutoModelForCausalLM)
     with torch.device("meta"):
         model = cls.from_config(config)
     return [n for n, _ in model.named_modules() if n]
+
+
+def _names_in_safetensors(folder: Path) -> list[str]:
+    """Module names (every prefix of every parameter name) from *.safetensors headers."""
+    from safetensors import safe_open
+
+    names = set()
+    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                parts = key.split(".")[:-1]
+                names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(names)
 
 
 def check_lora_targets(names: list[str], targets: list[str], model_name: str) -> None:

@@ -114,18 +114,23 @@ def make_partitioner(cfg: C.DataConfig, num_clients: int, pool_size: int, seed: 
 
 
 @contextlib.contextmanager
-def _quiet():
-    """No progress bars while partitioning: every client process repeats it, and datasets'
-    "Flattening the indices" and the natural partitioner's tqdm bar would flood the logs."""
+def quiet():
+    """No progress bars while loading and partitioning: every client process repeats it,
+    and datasets' "Generating train split" / "Flattening the indices" and the natural
+    partitioner's tqdm bar would flood the logs. datasets' own error lines too ("Failed to
+    load JSON ..."): fedtune reports the problem itself, in one line."""
     from datasets.utils import (are_progress_bars_disabled, disable_progress_bars,
                                 enable_progress_bars)
+    from datasets.utils import logging as ds_logging
 
-    was_disabled = are_progress_bars_disabled()
+    was_disabled, level = are_progress_bars_disabled(), ds_logging.get_verbosity()
     disable_progress_bars()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # the plain tqdm bar of natural ids
             yield
     finally:
+        ds_logging.set_verbosity(level)
         if not was_disabled:
             enable_progress_bars()
 
@@ -141,7 +146,7 @@ def make_partitions(pool: Dataset, data_cfg: C.DataConfig, num_clients: int, see
         _check_column(pool, data_cfg, num_clients, column)
     part = make_partitioner(data_cfg, num_clients, len(pool), seed, column)
     part.dataset = pool
-    with _quiet(), warnings.catch_warnings():
+    with quiet(), warnings.catch_warnings():
         # Dirichlet warns on every redraw that misses min_partition_size; we raise our own
         # error if it gives up, and a redraw that succeeds is not the user's concern.
         warnings.simplefilter("ignore")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from fedtune import config as C, model as M, tasks
 from fedtune.data import load_data
-from fedtune.errors import ConfigError, DataError, HubDataError, HubModelError
+from fedtune.errors import ConfigError, DataError, HubDataError, HubModelError, ModelError
 
 
 def check_model(cfg: C.Config) -> tuple[object, list[str]]:
@@ -33,23 +33,24 @@ def check_model(cfg: C.Config) -> tuple[object, list[str]]:
                                f"positions {cfg.model.name} can embed; set data.seq_len <= "
                                f"{limit}"])
     if cfg.model.finetune == "lora":
-        M.check_lora_targets(M.module_names(cfg), cfg.lora.target_modules, cfg.model.name)
+        try:
+            M.check_lora_targets(M.module_names(cfg, config), cfg.lora.target_modules,
+                                 cfg.model.name)
+        except ModelError:  # the weight files may omit tied modules: ask the model itself
+            M.check_lora_targets(M.module_names(cfg, config, from_files=False),
+                                 cfg.lora.target_modules, cfg.model.name)
     return tokenizer, warnings
 
 
-def check_data(cfg: C.Config, tokenizer) -> None:
-    """Load, split and partition the data; encode the test split and every client's
-    partition (into the examples cache) when a tokenizer is at hand."""
-    test, parts, _ = load_data(cfg)
-    if tokenizer is None:
-        return
+def check_encoding(cfg: C.Config, tokenizer, test, parts) -> None:
+    """Encode the test split and every client's partition (into the examples cache)."""
     try:
         tasks.encode(test, tokenizer, cfg)
     except DataError as err:
         raise DataError(f"the server's test split: {err}") from None
-    for pid in range(len(parts)):
+    for pid in sorted(range(len(parts)), key=lambda i: len(parts[i])):  # likely failures first
         try:
-            tasks.client_examples(cfg, pid, tokenizer)
+            tasks.client_examples(cfg, pid, tokenizer, part=parts[pid])
         except DataError as err:
             raise DataError(f"client {pid}'s partition ({len(parts[pid])} samples): {err}; use "
                             "fewer clients, more data or a smaller `data.seq_len`") from None
@@ -59,8 +60,8 @@ def preflight(cfg: C.Config, strict: bool = True) -> list[str]:
     """Every check above; returns warnings. `strict=False` (fedtune validate) turns a hub
     that cannot be reached into a warning: the recipe may be right for a machine online."""
     warnings = C.config_warnings(cfg)
-    tokenizer = None
-    try:
+    loaded = tokenizer = None
+    try:  # the model first: its checks need only config.json and the tokenizer
         tokenizer, more = check_model(cfg)
         warnings += more
     except HubModelError as err:
@@ -68,9 +69,11 @@ def preflight(cfg: C.Config, strict: bool = True) -> list[str]:
             raise
         warnings.append(f"not checked against the model: {err}")
     try:
-        check_data(cfg, tokenizer)
+        loaded = load_data(cfg)
     except HubDataError as err:
         if strict:
             raise
         warnings.append(f"not checked against the data: {err}")
+    if loaded and tokenizer is not None:
+        check_encoding(cfg, tokenizer, loaded[0], loaded[1])
     return warnings

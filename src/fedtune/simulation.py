@@ -31,7 +31,6 @@ from flwr.supercore.telemetry import EventType
 from fedtune import config as C, kd
 from fedtune.apps import client, server, write_app_folder
 from fedtune.errors import RunError
-from fedtune.preflight import preflight
 
 CLIENT_APP_RAISED_EXCEPTION = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
@@ -48,18 +47,13 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def prepare(cfg: C.Config, echo=_stderr) -> list[str]:
-    """Work done once before any process starts: checks against the model and data (one
-    clear line on bad input), offline weights converted, the KD teacher trained. Returns
-    the warnings it printed."""
+def prepare(cfg: C.Config, echo=_stderr) -> None:
+    """Work done once before any process starts, after `preflight.preflight` passed:
+    quiet environment for the engine, the KD teacher trained (or found in its cache)."""
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
-    warnings = preflight(cfg)
-    for w in warnings:
-        echo(f"fedtune: warning: {w}")
     if cfg.kd.enabled:  # train (or find) the teacher once, before any client needs it
         kd.ensure_teacher(cfg, log=lambda s: echo(f"[fedtune] {s}"))
-    return warnings
 
 
 def set_task_identity(run_id: int) -> None:

@@ -263,17 +263,20 @@ def count_tokens(examples: list[dict]) -> int:
 
 # ---------------------------------------------------------------- one client's examples
 
-def client_examples(cfg: Config, pid: int, tokenizer, data_path: str = "") -> list[dict]:
+def client_examples(cfg: Config, pid: int, tokenizer, data_path: str = "",
+                    part=None) -> list[dict]:
     """Client `pid`'s encoded examples: its partition of the shared source, or all of its
     own `data-path` (a SuperNode's local data), cached on disk under
     $FEDTUNE_CACHE/examples because Flower's deployment runtime starts a fresh process for
     every message. The key holds everything the examples depend on, the content of the
     source included: file sizes and times for local and packaged sources, the loaded
-    dataset's fingerprint (which follows its revision) for hub datasets."""
+    dataset's fingerprint (which follows its revision) for hub datasets. `part`: the
+    partition, when the caller has already loaded it."""
     src_cfg = dataclasses.replace(cfg.data, source=data_path) if data_path else cfg.data
-    stamp, part = data.source_stamp(src_cfg), None
-    if stamp is None:  # a hub dataset: identify it by what was loaded
+    stamp = data.source_stamp(src_cfg)
+    if stamp is None and part is None:  # a hub dataset: identify it by what was loaded
         part = _load_partition(cfg, pid, data_path)
+    if stamp is None:
         stamp = part._fingerprint
     key = (repr(cfg.data), repr(cfg.task), stamp, cfg.model.name, cfg.train.seed,
            cfg.federation.num_clients, pid, data_path,
