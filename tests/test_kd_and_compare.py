@@ -102,6 +102,36 @@ def test_centralized_sees_exactly_the_union_and_local_only_one_client(tmp_path, 
     assert texts(load_data(alone)[1][0]) == texts(parts[2])
 
 
+def teacher_accuracy_by_hand(folder, cfg, kind) -> float:
+    """The trained teacher's test accuracy from its save_pretrained folder, row by row."""
+    import independent
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+
+    from fedtune.tasks import classification_prompt
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    test, t, right = load_data(cfg)[0], cfg.task, 0
+    if kind == "causal":
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        labels = [tok(t.label_prefix + n, add_special_tokens=False)["input_ids"]
+                  + [tok.eos_token_id] for n in t.label_names]
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    for row in test:
+        if kind == "causal":
+            p = independent.prompt_ids(tok, classification_prompt(row, t))
+            scores = [independent.completion_logprob(model, p, c) for c in labels]
+            pred = max(range(len(scores)), key=scores.__getitem__)
+        else:
+            with torch.no_grad():
+                enc = tok(row["text"], truncation=True, max_length=cfg.data.seq_len,
+                          return_tensors="pt")
+                pred = int(model(**enc).logits.argmax(-1))
+        right += pred == row[t.label_column]
+    return right / len(test)
+
+
 @pytest.mark.parametrize("kind", ["sequence-classification", "causal"])
 def test_fedkd_round_trains_the_teacher_once_and_distils_into_lora(tmp_path, monkeypatch, kind,
                                                                    tiny_model_dir, tiny_bert_dir,
@@ -119,7 +149,9 @@ def test_fedkd_round_trains_the_teacher_once_and_distils_into_lora(tmp_path, mon
     folder = kd.ensure_teacher(cfg, log=lambda s: None)
     info = json.loads((folder / "fedtune-teacher.json").read_text())
     assert info["public_samples"] == round(0.25 * 50) and info["steps"] >= 1
-    assert 0 <= info["test_metrics"]["eval_accuracy"] <= 1  # the teacher scored on the test split
+    # the teacher was scored on the test split: recompute its accuracy row by row
+    assert info["test_metrics"]["eval_accuracy"] == pytest.approx(
+        teacher_accuracy_by_hand(folder, cfg, kind), abs=1e-9)
     stamp = (folder / "config.json").stat().st_mtime_ns
     assert kd.ensure_teacher(cfg, log=lambda s: pytest.fail("retrained")) == folder
     assert (folder / "config.json").stat().st_mtime_ns == stamp

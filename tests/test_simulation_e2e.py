@@ -12,6 +12,7 @@ import pytest
 
 from fedtune import config as C, data, model as M
 from fedtune.evaluate import eval_causal_lm
+from fedtune.results import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +99,8 @@ def test_full_finetuning_with_fedprox_in_simulation(tmp_path, tiny_model_dir,
     cfg = C.load(ROOT / "recipes/demo.toml", overrides)
     full_bytes = M.to_arrays(M.load_model(cfg)).count_bytes()
     assert rows[1]["bytes_up"] == 2 * full_bytes
+    # the strategy's mu reached every client, which added mu/2 ||w - w_global||^2
+    assert [r["client_proximal_mu"] for r in rows[1:]] == [0.1, 0.1]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     from transformers import AutoModelForCausalLM
 
@@ -105,14 +108,20 @@ def test_full_finetuning_with_fedprox_in_simulation(tmp_path, tiny_model_dir,
 
 
 def read_rows(out):
-    path = out / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return read_metrics(out)
 
 
 @pytest.mark.slow
-def test_a_killed_simulation_resumes_to_the_same_metrics(tmp_path, tiny_model_dir, code_jsonl):
+def test_a_killed_simulation_resumes_to_the_same_metrics_and_clients(tmp_path, tiny_model_dir,
+                                                                    code_jsonl):
+    """Three processes on the real Simulation Engine (10 clients, 3 sampled per round): an
+    uninterrupted run, a run SIGKILLed after round 2, and its resume. Flower's node ids are
+    random in every process, yet each round samples the same partitions, and the resumed
+    run continues with the uninterrupted run's clients and metrics."""
     extra = ("federation.rounds=4", "output.save_every=1", "strategy.name=fedavgm",
-             "strategy.params.server_momentum=0.5", "output.plots=false")
+             "strategy.params.server_momentum=0.5", "output.plots=false",
+             "federation.num_clients=10", "federation.fraction=0.3", "data.test_samples=2",
+             "train.local_steps=2", "eval.max_blocks=4", "train.early_stopping={}")
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_cli(tiny_overrides(tiny_model_dir, code_jsonl, full, *extra))
 
@@ -127,12 +136,17 @@ def test_a_killed_simulation_resumes_to_the_same_metrics(tmp_path, tiny_model_di
     proc.wait()
     killed_at = max(r["round"] for r in read_rows(cut))
     assert 2 <= killed_at < 4 and not (cut / "summary.json").exists()
+    before_resume = [r["sampled_partitions"] for r in read_rows(cut)[1:]]
 
     resumed = subprocess.run(cli_args([], recipe=None) + ["--resume", str(cut)],
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     a, b = read_rows(full), read_rows(cut)
     assert [r["round"] for r in b] == [0, 1, 2, 3, 4]
+    picks = [r["sampled_partitions"] for r in a[1:]]
+    assert all(len(p) == 3 for p in picks) and len({tuple(p) for p in picks}) > 1
+    assert before_resume == picks[:len(before_resume)]        # a second process, same picks
+    assert [r["sampled_partitions"] for r in b[1:]] == picks  # and the resumed one too
     for ra, rb in zip(a, b):
         assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], rel=1e-5), ra["round"]
         if ra["round"]:

@@ -4,9 +4,14 @@ import json
 
 import pytest
 
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+import independent
 from fedtune import config as C, model as M
+from fedtune.data import load_data
 from fedtune.federation import run_federation
 from fedtune.inprocess import InProcessGrid
+from fedtune.tasks import classification_prompt
 from test_federation import rows_of
 
 PROMPT = "task.prompt=\"Review: {text}\\nSentiment:\""
@@ -20,6 +25,59 @@ def base(model_dir, source, out, *extra):
                          "output.save_final=true", f"output.dir={out}", *extra])
 
 
+def prompt_metrics_by_hand(cfg, base_dir, final) -> dict:
+    """Label log-likelihood accuracy/F1/MCC and greedy-generation accuracy/ROUGE of the saved
+    adapter, one test row at a time with stock PEFT and plain torch (no fedtune scoring)."""
+    from peft import PeftModel
+    from rouge_score import rouge_scorer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    t = cfg.task
+    labels = [tok(t.label_prefix + n, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+              for n in t.label_names]
+    longest = max(map(len, labels))
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"])
+    preds, golds, hits, rouge = [], [], 0, {k: 0.0 for k in scorer.rouge_types}
+    test = load_data(cfg)[0]
+    for row in test:
+        p = independent.prompt_ids(tok, classification_prompt(row, t))
+        scores = [independent.completion_logprob(model, p, c) for c in labels]
+        preds.append(max(range(len(scores)), key=scores.__getitem__))
+        golds.append(row[t.label_column])
+        text = tok.decode(independent.greedy(model, p, longest + 2, {tok.eos_token_id}),
+                          skip_special_tokens=True).strip()
+        ref = t.label_names[golds[-1]]
+        hits += text.lower() == ref.lower()
+        for k, v in scorer.score(ref, text).items():
+            rouge[k] += v.fmeasure
+    n = len(golds)
+    return {"eval_accuracy": accuracy_score(golds, preds),
+            "eval_f1_macro": f1_score(golds, preds, average="macro"),
+            "eval_mcc": matthews_corrcoef(golds, preds), "eval_gen_accuracy": hits / n,
+            **{f"eval_{k}": v / n for k, v in rouge.items()}}
+
+
+def classifier_predictions_by_hand(cfg, base_dir, final):
+    """argmax of the saved classifier (stock PEFT), one test row at a time."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base_model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base_model, final).eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    preds, golds = [], []
+    for row in load_data(cfg)[0]:
+        enc = tok(row["text"], truncation=True, max_length=cfg.data.seq_len, return_tensors="pt")
+        with torch.no_grad():
+            preds.append(int(model(**enc).logits.argmax(-1)))
+        golds.append(row[cfg.task.label_column])
+    return preds, golds
+
+
 def test_prompt_classification_round_reports_scoring_generation_and_label_histograms(
         tmp_path, tiny_model_dir, reviews_jsonl):
     cfg = base(tiny_model_dir, reviews_jsonl, tmp_path / "run", "task.type=prompt-classification",
@@ -28,9 +86,9 @@ def test_prompt_classification_round_reports_scoring_generation_and_label_histog
                "data.dirichlet_alpha=0.3", "data.min_partition_size=2")
     summary = run_federation(InProcessGrid(cfg), cfg)
     rows = rows_of(tmp_path / "run")
-    for key in ("eval_loss", "eval_accuracy", "eval_f1_macro", "eval_mcc", "eval_gen_accuracy",
-                "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum"):
-        assert all(0 <= r[key] < 100 for r in rows), key
+    expected = prompt_metrics_by_hand(cfg, tiny_model_dir, tmp_path / "run" / "final")
+    for key, value in expected.items():
+        assert rows[-1][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
     assert summary["rounds_completed"] == 1
     parts = json.loads((tmp_path / "run" / "partitions.json").read_text())
     assert parts["column"] == "label" and parts["groups"] == ["negative", "positive"]
@@ -53,8 +111,10 @@ def test_sequence_classification_lora_sends_the_classifier_head(tmp_path, tiny_b
     assert all((again[n] == t).all() for n, t in M.trainable_state(model).items())
     run_federation(InProcessGrid(cfg), cfg)
     rows = rows_of(tmp_path / "run")
-    assert {"eval_accuracy", "eval_f1_macro", "eval_mcc"} <= rows[1].keys()
-    assert -1 <= rows[1]["eval_mcc"] <= 1
+    preds, golds = classifier_predictions_by_hand(cfg, tiny_bert_dir, tmp_path / "run" / "final")
+    assert rows[1]["eval_accuracy"] == pytest.approx(accuracy_score(golds, preds))
+    assert rows[1]["eval_mcc"] == pytest.approx(matthews_corrcoef(golds, preds), abs=1e-9)
+    assert rows[1]["eval_f1_macro"] == pytest.approx(f1_score(golds, preds, average="macro"))
     parts = json.loads((tmp_path / "run" / "partitions.json").read_text())
     assert [list(c["histogram"]) for c in parts["clients"]] == [["movies"], ["news"], ["shop"]]
     from peft import PeftModel
@@ -116,7 +176,16 @@ def test_fedtune_eval_reproduces_the_runs_final_metrics_and_runs_mmlu(tmp_path, 
     assert got["trained"] is True
     for key in ("eval_loss", "eval_accuracy", "eval_mcc"):
         assert got["task"][key] == pytest.approx(last[key], rel=1e-5), key
-    assert 0 <= got["eval_mmlu_accuracy"] <= 1
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedtune import mmlu
+    qs = mmlu.load_questions(str(questions))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      tmp_path / "run" / "final").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
+    assert got["eval_mmlu_accuracy"] == pytest.approx(independent.letter_accuracy(
+        model, tok, qs, [mmlu.format_prompt(q) for q in qs]), abs=1e-9)
     detail = json.loads((tmp_path / "run" / "eval" / "mmlu-round-final.json").read_text())
     assert detail["num_questions"] == 6 and "STEM" in detail["by_category"]
     # a base model by path: evaluated untrained, results in --out
