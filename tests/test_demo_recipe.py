@@ -17,7 +17,8 @@ def test_demo_recipe_lowers_eval_loss_with_the_real_model(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fedtune.cli", "run", str(ROOT / "recipes/demo.toml"),
          "--set", "federation.rounds=1", "--set", "train.local_steps=4",
-         "--set", "eval.max_blocks=16", "--set", f"output.dir={out}"],
+         "--set", "eval.max_blocks=16", "--set", "eval.batch_size=1",
+         "--set", f"output.dir={out}"],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -27,7 +28,9 @@ def test_demo_recipe_lowers_eval_loss_with_the_real_model(tmp_path):
     assert rows[1]["eval_loss"] < rows[0]["eval_loss"] - 0.01
     assert rows[1]["clients_ok"] == 3
     # an independent recomputation: a fresh process loads final/ with stock PEFT and
-    # computes the test loss example by example with plain torch
+    # computes the test loss example by example with plain torch. eval.batch_size=1 above
+    # gives both the same bf16 shapes: batches of 8 against one block at a time differed by
+    # 4.5e-4 relative under bf16 autocast (CI, stop 18), more than a float tolerance.
     check = subprocess.run([sys.executable, "-c", RECOMPUTE, str(out)], capture_output=True,
                            text=True, timeout=600, cwd=ROOT / "tests")
     assert check.returncode == 0, check.stderr[-3000:]

@@ -10,6 +10,7 @@ from fedtune.checkpoint import latest, load_weights
 from fedtune.errors import RunError
 from fedtune.federation import build_strategy, run_federation
 from fedtune.inprocess import InProcessGrid
+from fedtune.nodes import short_reason
 from fedtune.results import read_metrics
 from fedtune.train import sampling_seed
 from grids import FailingGrid, RecordingGrid
@@ -198,3 +199,24 @@ def test_a_supernode_can_bring_its_own_data(tmp_path, tiny_model_dir, code_jsonl
         tasks.client_examples(cfg, 1, tok, str(tmp_path / "empty"))
     with pytest.raises(data.DataError, match="does not exist"):
         tasks.client_examples(cfg, 1, tok, str(tmp_path / "missing.jsonl"))
+
+
+RAY_REASON = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'"
+              "ray::ClientAppActor.run() (pid=4242, ip=127.0.0.1)\n"
+              "  File \"ray_actor.py\", line 65, in run\n"
+              "    raise ClientAppException(str(ex)) from ex\n"
+              "flwr.clientapp.client_app.ClientAppException: \n"
+              "Exception ClientAppException occurred. Message: out of memory'>")
+
+
+@pytest.mark.parametrize("reason, line", [
+    ("<class 'MemoryError'>:<'out of memory'>", "MemoryError: out of memory"),
+    ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
+     "ClientAppException occurred. Message: out of memory'>", "out of memory"),
+    (RAY_REASON, "out of memory"),
+    ("", "unknown error"),
+])
+def test_a_flower_error_reason_becomes_one_readable_line(reason, line):
+    """The Ray-wrapped form is what the Simulation Engine sent in stop 18's test run: the
+    first version of short_reason left "'>" on its end."""
+    assert short_reason(reason) == line

@@ -153,3 +153,38 @@ def test_a_killed_simulation_resumes_to_the_same_metrics_and_clients(tmp_path, t
             assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["resumed_from_round"] >= 2
+
+
+FAILING_CLIENTS = '''
+# Fault injection for tests/test_simulation_e2e.py: every client's local training raises,
+# in the CLI process and in every Ray worker (they inherit PYTHONPATH). Not part of fedtune.
+import fedtune.train
+
+def _fail(*args, **kwargs):
+    raise MemoryError("injected: client ran out of memory")
+
+fedtune.train.train_local = _fail
+'''
+
+
+@pytest.mark.slow
+def test_every_client_failing_stops_the_simulation_with_one_line(tmp_path, tiny_model_dir,
+                                                                 code_jsonl):
+    """A run where every client raises must not look finished: two attempts of round 1 are
+    recorded as failed, the command exits 1 and its last line names the clients' errors."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAILING_CLIENTS)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "inject")}
+    proc = subprocess.run(cli_args(tiny_overrides(tiny_model_dir, code_jsonl, out,
+                                                  "output.plots=false")),
+                          capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedtune: round 1: 0 of 2 sampled clients replied"), last
+    # the Simulation Engine keeps the message, not the class (Ray wraps it twice)
+    assert last.count("injected: client ran out of memory") == 2, last
+    lines = read_metrics(out, failed=True)
+    assert [(x["round"], x.get("status")) for x in lines] == [(0, None), (1, "failed"),
+                                                              (1, "failed")]
+    assert not (out / "summary.json").exists() and not (out / "final").exists()

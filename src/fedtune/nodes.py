@@ -21,17 +21,20 @@ log = logging.getLogger("fedtune")
 
 
 def short_reason(reason: str) -> str:
-    """One line of a Flower error reason: "<class 'X'>:<'msg'>" (and Flower's wrapping
-    "Exception ClientAppException occurred. Message: ..." lines) -> "X: msg"."""
-    text = str(reason or "").strip()
-    m = re.match(r"<class '([\w.]+)'>:<'(.*)'>$", text, re.S)
-    kind, text = (m.group(1).rsplit(".", 1)[-1], m.group(2)) if m else ("", text)
-    inner = re.findall(r"Exception (\w+) occurred\. Message: (.*)", text)
+    """One line of a Flower error reason -> "X: msg". Flower writes "<class 'X'>:<'msg'>";
+    the Simulation Engine's X is Ray's "RayTaskError(ClientAppException)" and its msg a
+    Ray traceback ending "Exception ClientAppException occurred. Message: msg"."""
+    text, kind = str(reason or "").strip(), ""
+    m = re.match(r"<class '([^']+)'>:<'(.*)'>$", text, re.S)
+    if m:
+        kind, text = m.group(1).rsplit(".", 1)[-1], m.group(2)
+    inner = re.findall(r"Exception (\w+) occurred\. Message: (.*)", text, re.S)
     if inner:
         kind, text = inner[-1]
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     line = lines[-1] if lines else "unknown error"
-    return (f"{kind}: {line}" if kind and kind != "ClientAppException" else line)[:300]
+    wrapper = kind.startswith(("ClientAppException", "RayTaskError"))
+    return (f"{kind}: {line}" if kind and not wrapper else line)[:300]
 
 
 class SortedNodes:
