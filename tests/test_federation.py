@@ -1,11 +1,12 @@
 """The server round loop with Flower's strategies, clients called in-process (no Ray)."""
 
+import json
 import random
 
 import numpy as np
 import pytest
 
-from fedtune import config as C, data, model as M, tasks
+from fedtune import config as C, data, federation, model as M, tasks
 from fedtune.checkpoint import latest, load_weights
 from fedtune.errors import RunError
 from fedtune.federation import build_strategy, run_federation
@@ -220,3 +221,19 @@ def test_a_flower_error_reason_becomes_one_readable_line(reason, line):
     """The Ray-wrapped form is what the Simulation Engine sent in stop 18's test run: the
     first version of short_reason left "'>" on its end."""
     assert short_reason(reason) == line
+
+
+def test_the_best_round_follows_the_headline_metric_everywhere(tmp_path, tiny_model_dir,
+                                                               code_jsonl, monkeypatch):
+    """Loss and accuracy disagree on the best round (loss: 2, accuracy: 1). summary.json and
+    checkpoints/best must both follow the recipe's metric; summary.json used to follow
+    eval_loss whatever output.keep_best said."""
+    evals = iter([{"eval_loss": 1.0, "eval_accuracy": 0.5}, {"eval_loss": 0.9, "eval_accuracy": 0.8},
+                  {"eval_loss": 0.8, "eval_accuracy": 0.6}])
+    monkeypatch.setattr(federation, "evaluate_task", lambda *a, **k: dict(next(evals)))
+    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "r", "eval.metric=eval_accuracy",
+                   "output.keep_best=true", "output.plots=false")
+    summary = run_federation(InProcessGrid(cfg), cfg)
+    assert (summary["best_metric"], summary["best_round"], summary["best_value"]) == (
+        "eval_accuracy", 1, 0.8)
+    assert json.loads((tmp_path / "r" / "checkpoints" / "best.json").read_text())["round"] == 1
