@@ -169,6 +169,20 @@ def test_lora_targets_must_each_match_a_module(tiny_model_dir):
     M.check_lora_targets(names, ["q_proj", "self_attn.v_proj"], "tiny")   # suffix paths match
 
 
+def test_module_names_from_the_files_are_the_models_own(tiny_model_dir):
+    """Preflight reads module names from safetensors headers (no model built): every module
+    that holds a weight must be there, the tied lm_head (saved under the embedding's
+    name) included, or a valid target would be refused."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with_weights = {n for n, m in model.named_modules()
+                    if n and any(True for _ in m.parameters(recurse=False))}
+    assert model.config.tie_word_embeddings and "lm_head" in with_weights
+    assert with_weights <= set(M.module_names(make_cfg(tiny_model_dir)))
+    M.check_lora_targets(M.module_names(make_cfg(tiny_model_dir)), ["lm_head"], "tiny")
+
+
 def test_client_model_cache_is_keyed_by_the_task(tiny_model_dir):
     """Two experiments in one long-lived process that differ only in the task must not
     share a model: a classifier has another class and head."""

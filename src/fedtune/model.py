@@ -8,11 +8,14 @@ fine-tuning every parameter (tied weights once, since `named_parameters` de-dupl
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 
 from fedtune import assets
 from fedtune.config import Config, hub_unreachable, looks_local
@@ -61,28 +64,49 @@ def load_config(name: str):
         raise _load_error(name, err) from None
 
 
-def position_limit(config) -> tuple[int | None, bool]:
+def config_json(name: str) -> dict:
+    """config.json as a plain dict: a local folder's file, or the hub's (through the
+    huggingface_hub cache, so HF_HUB_OFFLINE is honoured). Preflight reads it instead of
+    `AutoConfig`, whose import chain alone (transformers' config classes import torch and
+    its integrations) costs ~2 s before the first bad-input message."""
+    path = Path(assets.resolve_model(name)).expanduser()
+    try:
+        if path.is_dir():
+            return json.loads((path / "config.json").read_text())
+        if looks_local(name):
+            raise OSError(f"there is no folder {name!r}")
+        return json.loads(Path(hf_hub_download(name, "config.json")).read_text())
+    except EntryNotFoundError:
+        raise ModelError(f"`model.name` = {name!r} has no config.json on the hub: is it a "
+                         "transformers model?") from None
+    except (OSError, ValueError) as err:  # missing file, hub errors (OSError), bad JSON
+        raise _load_error(name, err) from None
+
+
+def position_limit(config: dict) -> tuple[int | None, bool]:
     """(the longest sequence the model's position embeddings cover, whether it uses RoPE,
-    which extrapolates past that silently instead of failing)."""
-    limit = next((getattr(config, k) for k in POSITION_LIMITS
-                  if isinstance(getattr(config, k, None), int)), None)
-    rope = any(getattr(config, k, None) for k in ("rope_theta", "rope_parameters",
-                                                  "rope_scaling"))
+    which extrapolates past that silently instead of failing), from config.json."""
+    config = {**config.get("text_config", {}), **config}
+    limit = next((config[k] for k in POSITION_LIMITS if isinstance(config.get(k), int)), None)
+    rope = any(config.get(k) for k in ("rope_theta", "rope_parameters", "rope_scaling"))
     return limit, rope
 
 
-def module_names(cfg: Config, config=None, from_files: bool = True) -> list[str]:
+def module_names(cfg: Config) -> list[str]:
     """Every module name of the model without loading weights: what LoRA's
     `target_modules` are matched against. A local folder's safetensors headers list its
-    parameters (milliseconds; tied weights such as lm_head may be missing there), otherwise,
-    or with `from_files=False`, a weightless (meta-device) copy is built."""
-    found = _names_in_safetensors(Path(assets.resolve_model(cfg.model.name))) if from_files \
-        else []
+    parameters (milliseconds), plus `lm_head` when config.json ties it to the input
+    embeddings (tied weights are saved once, under the embedding's name). Without
+    safetensors files, or for a classifier (its head is new), a weightless (meta-device)
+    copy is built: ~3 s of transformers imports."""
+    folder = Path(assets.resolve_model(cfg.model.name)).expanduser()
+    found = _names_in_safetensors(folder)
     if found and cfg.task.type != "sequence-classification":
-        return found
+        tied = json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", True)
+        return sorted(set(found) | ({"lm_head"} if tied else set()))
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = config or load_config(cfg.model.name)
+    config = load_config(cfg.model.name)
     cls = (AutoModelForSequenceClassification if cfg.task.type == "sequence-classification"
            else AutoModelForCausalLM)
     with torch.device("meta"):

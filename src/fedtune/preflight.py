@@ -13,16 +13,15 @@ from __future__ import annotations
 
 from fedtune import config as C, model as M, tasks
 from fedtune.data import load_data
-from fedtune.errors import ConfigError, DataError, HubDataError, HubModelError, ModelError
+from fedtune.errors import ConfigError, DataError, HubDataError, HubModelError
 
 
 def check_model(cfg: C.Config) -> tuple[object, list[str]]:
-    """(tokenizer, warnings): the model's config, positions and LoRA targets, no weights."""
+    """(tokenizer, warnings): the model's positions and LoRA targets from its files (no
+    weights, no transformers config class), then its tokenizer."""
     M.check_runtime(cfg)
-    config = M.load_config(cfg.model.name)
-    tokenizer = M.load_tokenizer(cfg.model.name)
     warnings = []
-    limit, rope = M.position_limit(config)
+    limit, rope = M.position_limit(M.config_json(cfg.model.name))
     if limit and cfg.data.seq_len > limit:
         if rope:
             warnings.append(f"`data.seq_len` = {cfg.data.seq_len} exceeds {cfg.model.name}'s "
@@ -33,13 +32,8 @@ def check_model(cfg: C.Config) -> tuple[object, list[str]]:
                                f"positions {cfg.model.name} can embed; set data.seq_len <= "
                                f"{limit}"])
     if cfg.model.finetune == "lora":
-        try:
-            M.check_lora_targets(M.module_names(cfg, config), cfg.lora.target_modules,
-                                 cfg.model.name)
-        except ModelError:  # the weight files may omit tied modules: ask the model itself
-            M.check_lora_targets(M.module_names(cfg, config, from_files=False),
-                                 cfg.lora.target_modules, cfg.model.name)
-    return tokenizer, warnings
+        M.check_lora_targets(M.module_names(cfg), cfg.lora.target_modules, cfg.model.name)
+    return M.load_tokenizer(cfg.model.name), warnings
 
 
 def check_encoding(cfg: C.Config, tokenizer, test, parts) -> None:
