@@ -40,7 +40,6 @@ def plain_loop(cfg) -> tuple[float, float, list]:
 
     from fedtune import model as M, tasks
     from fedtune.evaluate import evaluate_task
-    from fedtune.data import load_data
     from fedtune.train import lr_for_round, train_local
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -48,7 +47,7 @@ def plain_loop(cfg) -> tuple[float, float, list]:
     tok = M.load_tokenizer(cfg.model.name)
     model = M.load_model(cfg)
     n = cfg.federation.num_clients
-    test, parts, _ = load_data(cfg)
+    test, parts, _ = tasks.load_task_data(cfg)
     blocks = [tasks.encode(p, tok, cfg) for p in parts]
     test_examples = tasks.encode(test, tok, cfg)[: cfg.eval.max_blocks or None]
     test_rows = test.select(range(len(test_examples)))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from fedtune import config as C, data
+from fedtune import config as C, data, tasks
 
 
 def cfg_for(source, *overrides):
@@ -43,9 +43,13 @@ def test_fixed_size_asking_for_too_much_is_a_clear_error(code_jsonl):
 def test_split_is_deterministic_by_seed_and_changes_with_it(code_jsonl):
     cfg = cfg_for(code_jsonl, "data.test_samples=4")
     ds = data.load_source(cfg.data)
-    a = data.client_and_test(cfg.data, 3, seed=1, partition_id=2)
-    b = data.client_and_test(cfg.data, 3, seed=1, partition_id=2)
-    c = data.client_and_test(cfg.data, 3, seed=2, partition_id=2)
+    def part_and_test(seed):
+        c = cfg_for(code_jsonl, "data.test_samples=4", "federation.num_clients=3",
+                    f"train.seed={seed}")
+        test, parts, _ = data.load_data(c, ("text",))
+        return parts[2], test
+
+    a, b, c = part_and_test(1), part_and_test(1), part_and_test(2)
     assert a[0]["id"] == b[0]["id"] and a[1]["id"] == b[1]["id"]
     assert a[0]["id"] != c[0]["id"]
     assert len(ds) == 24
@@ -98,11 +102,11 @@ def test_pack_blocks_joins_documents_with_eos_and_drops_the_remainder(tiny_model
     ds = Dataset.from_list([{"text": "def f(x):\n    return x\n"}, {"text": "import os\n"}])
     ids = tok(ds[0]["text"])["input_ids"] + [tok.eos_token_id] + tok(ds[1]["text"])[
         "input_ids"] + [tok.eos_token_id]
-    blocks = data.pack_blocks(ds, tok, "text", seq_len=4)
+    blocks = tasks.pack_blocks(ds, tok, "text", seq_len=4)
     assert blocks.shape == (len(ids) // 4, 4)
     assert blocks.flatten().tolist() == ids[: blocks.numel()]
     with pytest.raises(data.DataError, match="one block"):
-        data.pack_blocks(ds, tok, "text", seq_len=10_000)
+        tasks.pack_blocks(ds, tok, "text", seq_len=10_000)
 
 
 def test_a_client_gets_the_dirichlet_partition_the_server_reports(tmp_path):
@@ -114,9 +118,11 @@ def test_a_client_gets_the_dirichlet_partition_the_server_reports(tmp_path):
                   "data.dirichlet_alpha=0.3", "data.partition_by=label")
     _, pool = data.split(data.load_source(cfg.data), cfg.data, seed=5)
     server = data.partitions(pool, cfg.data, 4, seed=5, column="label")
+    clients = cfg_for(src, "data.test_samples=30", "data.partitioner=dirichlet",
+                      "data.dirichlet_alpha=0.3", "data.partition_by=label",
+                      "federation.num_clients=4", "train.seed=5")
     for pid in range(4):
-        part, _ = data.client_and_test(cfg.data, 4, 5, pid, column="label",
-                                       required=("text", "label"))
+        part = data.load_data(clients, ("text", "label"))[1][pid]
         assert list(part["id"]) == list(server[pid]["id"])
 
 

@@ -43,13 +43,13 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from fedtune import assets, config as C, model as M, tasks
-from fedtune.data import load_data
+from fedtune.tasks import load_task_data
 import independent
 run = Path(sys.argv[1])
 cfg = C.load(run / "config.toml")
 base = AutoModelForCausalLM.from_pretrained(assets.resolve_model(cfg.model.name))
 model = PeftModel.from_pretrained(base, run / "final")
-test = load_data(cfg)[0]
+test = load_task_data(cfg)[0]
 examples = tasks.encode(test, M.load_tokenizer(cfg.model.name), cfg)[: cfg.eval.max_blocks]
 print(independent.token_loss(model, examples, cfg.train.precision))
 """

@@ -193,7 +193,7 @@ def test_a_supernode_can_bring_its_own_data(tmp_path, tiny_model_dir, code_jsonl
     mine = tasks.client_examples(cfg, 1, tok, str(own))
     shared = tasks.client_examples(cfg, 1, tok)
     rows = data.load_source(C.load(None, [f"data.source={own}"]).data)
-    expected = data.pack_blocks(rows, tok, "text", cfg.data.seq_len).tolist()
+    expected = tasks.pack_blocks(rows, tok, "text", cfg.data.seq_len).tolist()
     assert [e["input_ids"] for e in mine] == expected and len(mine) != len(shared)
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="no files match"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedtune import config as C, kd, model as M, tasks
-from fedtune.data import load_data
+from fedtune.tasks import load_task_data
 from fedtune.federation import run_federation
 from fedtune.inprocess import InProcessGrid
 from fedtune.results import best_round
@@ -67,7 +67,7 @@ def texts(ds):
 def test_public_slice_is_disjoint_from_every_client_and_the_test_split(tmp_path, tiny_model_dir,
                                                                       reviews_jsonl):
     cfg = kd_cfg(tiny_model_dir, reviews_jsonl, tmp_path, "federation.num_clients=3")
-    test, parts, _, public = load_data(cfg, with_public=True)
+    test, parts, _, public = load_task_data(cfg, with_public=True)
     assert len(public) == round(0.25 * (60 - 10))
     pub = set(public["text"])
     assert pub.isdisjoint(test["text"])
@@ -77,7 +77,7 @@ def test_public_slice_is_disjoint_from_every_client_and_the_test_split(tmp_path,
     # the KD switch does not move data: every arm of a comparison trains on the same clients
     on = kd_cfg(tiny_model_dir, reviews_jsonl, tmp_path, "federation.num_clients=3",
                 "kd.enabled=true")
-    assert [texts(p) for p in load_data(on)[1]] == [texts(p) for p in parts]
+    assert [texts(p) for p in load_task_data(on)[1]] == [texts(p) for p in parts]
 
 
 def test_centralized_sees_exactly_the_union_and_local_only_one_client(tmp_path, tiny_model_dir,
@@ -86,20 +86,20 @@ def test_centralized_sees_exactly_the_union_and_local_only_one_client(tmp_path, 
                  "data.partitioner=dirichlet", "data.dirichlet_alpha=0.5",
                  "task.type=sequence-classification", "task.text_columns=['text']",
                  "task.label_names=['negative','positive']")
-    _, parts, _ = load_data(cfg)
+    _, parts, _ = load_task_data(cfg)
     union = kd_cfg(tiny_model_dir, reviews_jsonl, tmp_path, "federation.num_clients=1",
                    "data.partitioner=dirichlet", "data.dirichlet_alpha=0.5",
                    "task.type=sequence-classification", "task.text_columns=['text']",
                    "task.label_names=['negative','positive']",
                    "data.merge_partitions=[0,1,2]", "data.split_clients=3")
-    [merged] = load_data(union)[1]
+    [merged] = load_task_data(union)[1]
     assert texts(merged) == sorted(t for p in parts for t in p["text"])
     alone = kd_cfg(tiny_model_dir, reviews_jsonl, tmp_path, "federation.num_clients=1",
                    "data.partitioner=dirichlet", "data.dirichlet_alpha=0.5",
                    "task.type=sequence-classification", "task.text_columns=['text']",
                    "task.label_names=['negative','positive']",
                    "data.merge_partitions=[2]", "data.split_clients=3")
-    assert texts(load_data(alone)[1][0]) == texts(parts[2])
+    assert texts(load_task_data(alone)[1][0]) == texts(parts[2])
 
 
 def teacher_accuracy_by_hand(folder, cfg, kind) -> float:
@@ -111,7 +111,7 @@ def teacher_accuracy_by_hand(folder, cfg, kind) -> float:
     from fedtune.tasks import classification_prompt
 
     tok = AutoTokenizer.from_pretrained(folder)
-    test, t, right = load_data(cfg)[0], cfg.task, 0
+    test, t, right = load_task_data(cfg)[0], cfg.task, 0
     if kind == "causal":
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         labels = [tok(t.label_prefix + n, add_special_tokens=False)["input_ids"]
@@ -301,5 +301,5 @@ def test_client_example_cache_tells_apart_runs_with_and_without_a_public_slice(
                      "kd.teacher_data_pct=0.0")
     a = tasks.client_examples(with_public, 0, tok)   # examples cached on disk
     b = tasks.client_examples(without, 0, tok)
-    assert len(a) == len(load_data(with_public)[1][0])
-    assert len(b) == len(load_data(without)[1][0]) and len(b) > len(a)
+    assert len(a) == len(load_task_data(with_public)[1][0])
+    assert len(b) == len(load_task_data(without)[1][0]) and len(b) > len(a)

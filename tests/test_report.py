@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fedtune import report as R
+from fedtune import cli, report as R
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONFIG = """# resolved config, hash 0123456789ab
@@ -224,20 +224,20 @@ def test_comparison_lists_every_run(tmp_path):
     assert html.read_text().count("data:image/png;base64,") == 2
 
 
-def test_report_main(tmp_path, capsys):
+def test_fedtune_report_writes_one_report_or_a_comparison(tmp_path, capsys):
     a, _ = make_run(tmp_path, "a")
     b, _ = make_run(tmp_path, "b")
-    assert R.report_main([str(a)]) == 0
+    assert cli.main(["report", str(a)]) == 0
     assert capsys.readouterr().out.split() == [str(a / "report.md"), str(a / "report.html")]
-    assert R.report_main([str(a), str(b)]) == 0
+    assert cli.main(["report", str(a), str(b)]) == 0
     out_dir = tmp_path / "compare-a-vs-b"
     assert capsys.readouterr().out.split() == [str(out_dir / "report.md"),
                                                str(out_dir / "report.html")]
     empty = tmp_path / "not-a-run"
     empty.mkdir()
-    assert R.report_main([str(a), str(empty)]) == 2
+    assert cli.main(["report", str(a), str(empty)]) == 2
     err = capsys.readouterr().err
-    assert str(empty) in err and "metrics.jsonl" in err
+    assert str(empty) in err and "metrics.jsonl" in err and len(err.strip().splitlines()) == 1
 
 
 def test_load_rows_sorted_last_wins_torn_line_skipped(tmp_path):

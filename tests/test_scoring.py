@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fedtune.scoring import (choose, encode_completion, encode_prompt, generate_greedy,
-                             score_candidates)
+from fedtune.scoring import choose, generate_greedy, score_candidates
+from fedtune.tasks import encode_completion, encode_prompt
 
 V, BIG, EOS = 128, 10.0, 0
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtune import config as C, data, model as M
-from fedtune.evaluate import eval_causal_lm
+import independent
+from fedtune import config as C, model as M, tasks
 from fedtune.results import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,14 +75,14 @@ def test_lora_simulation_writes_a_complete_run_folder(tmp_path, tiny_model_dir, 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     peft_model = PeftModel.from_pretrained(base, out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
-    _, test = data.client_and_test(cfg.data, 2, cfg.train.seed, None)
-    blocks = data.pack_blocks(test, tok, "text", cfg.data.seq_len)[: cfg.eval.max_blocks]
-    loss = eval_causal_lm(peft_model, blocks, cfg.eval.batch_size,
-                          cfg.train.precision)["eval_loss"]
+    test = tasks.load_task_data(cfg)[0]
+    blocks = [{"input_ids": b} for b in
+              tasks.pack_blocks(test, tok, "text", cfg.data.seq_len)[: cfg.eval.max_blocks].tolist()]
+    loss = independent.token_loss(peft_model, blocks, cfg.train.precision)
     assert loss == pytest.approx(rows[-1]["eval_loss"], rel=1e-5)
     # and differs from the base model: the adapter carries what was learned
-    base_loss = eval_causal_lm(AutoModelForCausalLM.from_pretrained(tiny_model_dir), blocks,
-                               cfg.eval.batch_size, cfg.train.precision)["eval_loss"]
+    base_loss = independent.token_loss(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                       blocks, cfg.train.precision)
     assert abs(base_loss - loss) > 1e-4
 
 

@@ -8,7 +8,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 import independent
 from fedtune import config as C, model as M
-from fedtune.data import load_data
+from fedtune.tasks import load_task_data
 from fedtune.federation import run_federation
 from fedtune.inprocess import InProcessGrid
 from fedtune.tasks import classification_prompt
@@ -41,7 +41,7 @@ def prompt_metrics_by_hand(cfg, base_dir, final) -> dict:
     longest = max(map(len, labels))
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"])
     preds, golds, hits, rouge = [], [], 0, {k: 0.0 for k in scorer.rouge_types}
-    test = load_data(cfg)[0]
+    test = load_task_data(cfg)[0]
     for row in test:
         p = independent.prompt_ids(tok, classification_prompt(row, t))
         scores = [independent.completion_logprob(model, p, c) for c in labels]
@@ -70,7 +70,7 @@ def classifier_predictions_by_hand(cfg, base_dir, final):
     model = PeftModel.from_pretrained(base_model, final).eval()
     tok = AutoTokenizer.from_pretrained(base_dir)
     preds, golds = [], []
-    for row in load_data(cfg)[0]:
+    for row in load_task_data(cfg)[0]:
         enc = tok(row["text"], truncation=True, max_length=cfg.data.seq_len, return_tensors="pt")
         with torch.no_grad():
             preds.append(int(model(**enc).logits.argmax(-1)))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fedtune import config as C, model as M
+from fedtune.evaluate import eval_lm
 from fedtune.train import lr_for_round, num_local_steps, proximal_term, train_local
 
 
@@ -203,15 +204,13 @@ def test_client_model_cache_is_keyed_by_the_task(tiny_model_dir):
 
 
 def test_training_lowers_the_loss_on_the_trained_blocks(tiny_model_dir):
-    from fedtune.evaluate import eval_causal_lm
-
     cfg = make_cfg(tiny_model_dir, "model.finetune=full", "train.local_steps=20",
                    "train.lr=3e-3")
     model = M.load_model(cfg)
-    b = blocks(4)
-    before = eval_causal_lm(model, b, batch_size=2)["eval_loss"]
+    b = [{"input_ids": x} for x in blocks(4).tolist()]
+    before = eval_lm(model, b, batch_size=2, pad_id=0)["eval_loss"]
     res = train_local(model, examples(4), cfg.train, lr=3e-3, proximal_mu=0.0, seed=0)
     assert res.tokens == 20 * 2 * 16 and res.samples == 40
-    after = eval_causal_lm(model, b, batch_size=2)
+    after = eval_lm(model, b, batch_size=2, pad_id=0)
     assert after["eval_loss"] < before - 0.5
     assert after["eval_ppl"] == pytest.approx(math.exp(after["eval_loss"]))

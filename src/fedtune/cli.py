@@ -98,9 +98,27 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from fedtune.report import report_main
+    """One run folder -> its report; a `fedtune compare` folder -> its comparison again;
+    several run folders -> one comparison of them."""
+    from fedtune.errors import ConfigError
 
-    return report_main(args.runs)
+    dirs = [Path(p) for p in args.runs]
+    if len(dirs) == 1 and (dirs[0] / "comparison.json").is_file():
+        from fedtune.compare import rewrite
+
+        written = rewrite(dirs[0])
+    else:
+        from fedtune import report
+
+        missing = [str(d) for d in dirs if not (d / "metrics.jsonl").is_file()]
+        if missing:
+            raise ConfigError([f"not a fedtune run folder (no metrics.jsonl): "
+                               f"{', '.join(missing)}"])
+        written = report.write_report(dirs[0]) if len(dirs) == 1 else \
+            report.write_comparison(dirs, report.comparison_dir(dirs))
+    for p in written:
+        print(p)
+    return 0
 
 
 def cmd_compare(args) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fedtune import config as C
+from fedtune import config as C, kd
 from fedtune.results import best_round, read_metrics
 
 LOCAL = ("pretrained", "centralized", "local-only")
@@ -200,8 +200,6 @@ def run_compare(base: C.Config, arms: list[str], seeds: int, echo=print) -> dict
         }
     teacher = {}
     if "fedkd-lora" in arms:  # the teacher's own score: what the students distil from
-        from fedtune import kd
-
         for k in range(seeds):
             _, raw, _ = arm_runs(base, "fedkd-lora", base.train.seed + k, root)[0]
             info = kd.teacher_dir(C.from_dict(raw)) / "fedtune-teacher.json"

@@ -1,4 +1,4 @@
-"""Data: load a source, hold out the server's test split, partition the rest, pack blocks.
+"""Data: load a source, hold out the server's test split, partition the rest.
 
 Why this order: the server test split is cut first from a seeded shuffle, so no client ever
 sees it, whatever the partitioner; clients then split the remainder with flwr-datasets
@@ -13,7 +13,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from datasets import Dataset, concatenate_datasets, load_dataset
 
 from fedtune import __version__, assets, partition
@@ -121,34 +120,19 @@ def partitions(pool: Dataset, cfg: DataConfig, num_clients: int, seed: int = 0,
     return partition.make_partitions(pool, cfg, num_clients, seed, column)
 
 
-def client_and_test(cfg: DataConfig, num_clients: int, seed: int, partition_id: int | None,
-                    column: str | None = None, required: tuple[str, ...] | None = None):
-    """What one process needs: its own partition (or None for the server) and the test split.
-
-    `required`: the columns the task reads (checked by `load_source`)."""
-    test, pool = split(load_source(cfg, required), cfg, seed)
-    if partition_id is None:
-        return None, test
-    if not 0 <= partition_id < num_clients:
-        raise DataError(f"partition-id {partition_id} is outside 0..{num_clients - 1}")
-    return partitions(pool, cfg, num_clients, seed, column)[partition_id], test
-
-
-def load_data(cfg, with_public: bool = False):
+def load_data(cfg, columns: tuple[str, ...], with_public: bool = False):
     """(server test split, client partitions, partition column[, public slice]): what every
-    process derives identically from the config; a missing column or an empty partition
-    fails here.
+    process derives identically from the config; a missing column (of `columns`, the ones
+    the task reads) or an empty partition fails here.
 
     The pool left after the test split loses its first `kd.teacher_data_pct` (the public
     slice a KD teacher trains on) before partitioning. `data.merge_partitions` gives one
     client the union of chosen partitions of a `data.split_clients`-way split: the
     centralized and local-only baselines see exactly the data federated clients see.
     """
-    from fedtune import tasks  # tasks builds on this module: import late
-
     d = cfg.data
     column = partition.partition_column(d, cfg.task)
-    ds = load_source(d, tasks.required_columns(cfg))  # partition column: checked
+    ds = load_source(d, columns)  # the partition column is checked
     # by the partitioner, whose error names `data.partition_by`
     test, pool = split(ds, d, cfg.train.seed)
     public = None
@@ -164,18 +148,3 @@ def load_data(cfg, with_public: bool = False):
     else:
         parts = partitions(pool, d, cfg.federation.num_clients, cfg.train.seed, column)
     return (test, parts, column, public) if with_public else (test, parts, column)
-
-
-def pack_blocks(ds: Dataset, tokenizer, text_column: str, seq_len: int) -> torch.Tensor:
-    """Tokenize, join documents with EOS, cut into [n_blocks, seq_len] (remainder dropped)."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in ds[text_column]:
-        if text:
-            ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-            if eos is not None:
-                ids.append(eos)
-    n = len(ids) // seq_len
-    if n == 0:
-        raise DataError(f"{len(ids)} tokens do not fill one block of `data.seq_len` = {seq_len}")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)

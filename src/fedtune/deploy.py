@@ -28,6 +28,7 @@ from fedtune import config as C
 from fedtune.apps import write_app_folder
 from fedtune.errors import DeployError
 from fedtune.results import clear_old_run, read_metrics
+from fedtune.simulation import prepare
 
 BIN = Path(sys.executable).parent
 
@@ -271,8 +272,6 @@ class LocalDeployment:
 def deploy_local(cfg: C.Config, tls: bool = False, auth: bool = False,
                  timeout: float = 3600, echo=print) -> dict:
     """Run `cfg` on a local SuperLink + `federation.num_clients` SuperNodes; return summary."""
-    from fedtune.simulation import prepare
-
     prepare(cfg)  # convert offline weights once, check data, before any process starts
     cores, fed = os.cpu_count() or 1, cfg.federation
     if fed.num_clients * max(fed.client_threads, 1) > cores:

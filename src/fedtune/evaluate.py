@@ -11,19 +11,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fedtune import mmlu
+from fedtune import checkpoint, config as C, mmlu, model as M, tasks
 from fedtune.config import Config
 from fedtune.errors import ConfigError
 from fedtune.metrics import classification_metrics, rouge
 from fedtune.model import autocast
-from fedtune.scoring import choose, encode_completion, generate_greedy, score_candidates
-from fedtune.tasks import IGNORE, classification_prompt, collate, label_text
+from fedtune.scoring import choose, generate_greedy, score_candidates
+from fedtune.tasks import IGNORE, classification_prompt, collate, encode_completion, label_text
 
 
 def _batches(examples, batch_size, pad_id, device):
@@ -125,21 +127,10 @@ def run_suites(model, tokenizer, cfg: Config, out_dir, rnd, log) -> dict:
     return out
 
 
-def eval_causal_lm(model, blocks: torch.Tensor, batch_size: int, precision: str = "fp32"):
-    """Loss and perplexity on packed blocks [N, T] (every token after the first is a target)."""
-    return eval_lm(model, [{"input_ids": b} for b in blocks.tolist()], batch_size, 0, precision)
-
-
 def evaluate_saved(target: str, suites: list[str], overrides: list[str], out_dir=None) -> dict:
     """`fedtune eval`: a run folder's final model (its recipe rebuilds the model, the saved
     adapter or weights go in) or a base model by name/path, on benchmark suites and/or the
     recipe's own test split (`task`). Results go to OUT/eval/*.json and are returned."""
-    import logging
-    from pathlib import Path
-
-    from fedtune import checkpoint, config as C, model as M, tasks
-    from fedtune.data import load_data
-
     run_dir = Path(target).expanduser()
     is_run = (run_dir / "config.toml").is_file()
     bench = [s for s in suites if s != "task"]
@@ -161,7 +152,7 @@ def evaluate_saved(target: str, suites: list[str], overrides: list[str], out_dir
     log = logging.getLogger("fedtune")
     result = {"target": str(target), "model": cfg.model.name, "trained": weights is not None}
     if "task" in suites:
-        test, _, _ = load_data(cfg)
+        test, _, _ = tasks.load_task_data(cfg)
         examples = tasks.encode(test, tokenizer, cfg)[: cfg.eval.max_blocks or None]
         rows = test.select(range(len(examples)))
         result["task"] = evaluate_task(model, tokenizer, cfg, rows, examples)

@@ -19,7 +19,6 @@ import torch
 from flwr.app import ConfigRecord
 
 from fedtune import checkpoint, config as C, model as M, partition, tasks, tracking
-from fedtune.data import load_data
 from fedtune.errors import RunError
 from fedtune.evaluate import evaluate_task, run_suites
 from fedtune.nodes import NodeDirectory, short_reason
@@ -136,7 +135,7 @@ class ServerLoop:
         self.log.info(f"run folder {run.dir} (config hash {cfg.hash()})")
         self.tokenizer = M.load_tokenizer(cfg.model.name)
         self.model = M.load_model(cfg)
-        test, self.parts, column = load_data(cfg)
+        test, self.parts, column = tasks.load_task_data(cfg)
         names = cfg.task.label_names if column == cfg.task.label_column else None
         run.write_json("partitions.json", partition_report(
             self.parts, column, names, partition.describe(cfg.data)))

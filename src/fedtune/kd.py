@@ -27,9 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fedtune import model as M, tasks
+from fedtune.assets import cache_dir
 from fedtune.config import Config
 from fedtune.errors import KDError
+from fedtune.evaluate import evaluate_task
 from fedtune.tasks import IGNORE
+from fedtune.train import train_local
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -92,8 +96,6 @@ def teacher_key(cfg: Config) -> str:
 
 
 def teacher_dir(cfg: Config) -> Path:
-    from fedtune.assets import cache_dir
-
     return cache_dir() / "teachers" / teacher_key(cfg)
 
 
@@ -109,17 +111,12 @@ def check_pair(cfg: Config, teacher_tokenizer, student_tokenizer) -> None:
 
 def ensure_teacher(cfg: Config, log=print) -> Path:
     """The trained teacher's folder: from the cache, or trained now on the public slice."""
-    from fedtune import model as M, tasks
-    from fedtune.evaluate import evaluate_task
-    from fedtune.data import load_data
-    from fedtune.train import train_local
-
     target = teacher_dir(cfg)
     if (target / "config.json").exists():
         return target
     tcfg = teacher_config(cfg)
     check_pair(cfg, M.load_tokenizer(tcfg.model.name), M.load_tokenizer(cfg.model.name))
-    test, _, _, public = load_data(cfg, with_public=True)
+    test, _, _, public = tasks.load_task_data(cfg, with_public=True)
     tokenizer = M.load_tokenizer(tcfg.model.name)
     examples = tasks.encode(public, tokenizer, tcfg)
     model = M.load_model(tcfg)
@@ -154,8 +151,6 @@ def ensure_teacher(cfg: Config, log=print) -> Path:
 
 def load_teacher(cfg: Config):
     """The teacher model (frozen, eval mode) for a client's distillation loss."""
-    from fedtune import model as M
-
     folder = ensure_teacher(cfg)
     tcfg = teacher_config(cfg)
     tcfg.model = dataclasses.replace(tcfg.model, name=str(folder))

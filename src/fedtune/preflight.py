@@ -12,7 +12,6 @@ the clients nothing later.
 from __future__ import annotations
 
 from fedtune import config as C, model as M, tasks
-from fedtune.data import load_data
 from fedtune.errors import ConfigError, DataError, HubDataError, HubModelError
 
 
@@ -63,7 +62,7 @@ def preflight(cfg: C.Config, strict: bool = True) -> list[str]:
             raise
         warnings.append(f"not checked against the model: {err}")
     try:
-        loaded = load_data(cfg)
+        loaded = tasks.load_task_data(cfg)
     except HubDataError as err:
         if strict:
             raise

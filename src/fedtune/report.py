@@ -500,28 +500,7 @@ def write_comparison(run_dirs: list, out_dir: str | Path) -> tuple[Path, Path]:
     return _write_docs(out_dir, blocks, "fedtune comparison")
 
 
-def report_main(paths: list[str]) -> int:
-    """`fedtune report RUN_DIR [RUN_DIR ...]`: one folder → report, several → comparison."""
-    dirs = [Path(p) for p in paths]
-    if not dirs:
-        print("fedtune report: give at least one run folder", file=sys.stderr)
-        return 2
-    if len(dirs) == 1 and (dirs[0] / "comparison.json").is_file():  # a `fedtune compare` folder
-        from fedtune.compare import rewrite
-
-        for p in rewrite(dirs[0]):
-            print(p)
-        return 0
-    for d in dirs:
-        if not (d / "metrics.jsonl").is_file():
-            print(f"fedtune report: {d} is not a fedtune run folder (no metrics.jsonl)",
-                  file=sys.stderr)
-            return 2
-    if len(dirs) == 1:
-        written = write_report(dirs[0])
-    else:
-        name = ("compare-" + "-vs-".join(n.replace("/", "_") for n in _names(dirs)))[:100]
-        written = write_comparison(dirs, dirs[0].resolve().parent / name)
-    for p in written:
-        print(p)
-    return 0
+def comparison_dir(run_dirs: list[Path]) -> Path:
+    """Where `fedtune report RUN_A RUN_B ...` writes: next to the first run."""
+    name = ("compare-" + "-vs-".join(n.replace("/", "_") for n in _names(run_dirs)))[:100]
+    return run_dirs[0].resolve().parent / name

@@ -1,9 +1,8 @@
 """Score candidate completions by log-likelihood, and decode greedily, with a causal LM.
 
-Why one tokenization rule (`encode_prompt` + `encode_completion`) shared with training: a
-prompt and its completion are tokenized separately and concatenated, so the tokens scored
-at evaluation are exactly the tokens the model was trained to produce, whatever merges the
-tokenizer would have made across the boundary.
+Scoring uses training's own tokenization rule (`tasks.encode_prompt` +
+`tasks.encode_completion`), so the tokens scored at evaluation are exactly the tokens the
+model was trained to produce.
 """
 
 from __future__ import annotations
@@ -13,39 +12,7 @@ import inspect
 import torch
 
 from fedtune.model import autocast
-
-
-def _appends_eos(tokenizer) -> bool:
-    """Does the tokenizer add an EOS after the text (most do not; some Llama setups do)?"""
-    cached = getattr(tokenizer, "_fedtune_appends_eos", None)
-    if cached is None:  # probed once per tokenizer: encode_prompt runs for every example
-        eos = tokenizer.eos_token_id
-        probe = tokenizer("a")["input_ids"]
-        cached = eos is not None and bool(probe) and probe[-1] == eos
-        try:
-            tokenizer._fedtune_appends_eos = cached
-        except AttributeError:
-            pass
-    return cached
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """The tokenizer's own leading specials (e.g. Llama's BOS) + the text, never a final EOS:
-    the completion follows the prompt, so the prompt must not look finished."""
-    ids = list(tokenizer(text, verbose=False)["input_ids"])
-    if ids and _appends_eos(tokenizer):
-        ids = ids[:-1]
-    return ids
-
-
-def encode_completion(tokenizer, text: str, add_eos: bool) -> list[int]:
-    """The completion's tokens without specials (+ EOS, so the model learns to stop)."""
-    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    if add_eos:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("add_eos is set but the tokenizer has no eos_token_id")
-        ids.append(tokenizer.eos_token_id)
-    return ids
+from fedtune.tasks import encode_completion, encode_prompt
 
 
 def _pad_id(tokenizer) -> int:

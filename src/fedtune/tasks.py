@@ -24,9 +24,7 @@ import torch
 
 from fedtune import assets, data
 from fedtune.config import Config, TaskConfig
-from fedtune.data import pack_blocks
 from fedtune.errors import DataError
-from fedtune.scoring import encode_completion, encode_prompt
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -40,6 +38,59 @@ ALPACA_NO_INPUT = (
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
          "system": "system"}
+
+
+# ---------------------------------------------------------------- tokenization rules
+# Why one rule for training and scoring: a prompt and its completion are tokenized
+# separately and concatenated, so the tokens scored at evaluation are exactly the tokens
+# trained on, whatever merges the tokenizer would have made across the boundary.
+
+def _appends_eos(tokenizer) -> bool:
+    """Does the tokenizer add an EOS after the text (most do not; some Llama setups do)?"""
+    cached = getattr(tokenizer, "_fedtune_appends_eos", None)
+    if cached is None:  # probed once per tokenizer: encode_prompt runs for every example
+        eos = tokenizer.eos_token_id
+        probe = tokenizer("a")["input_ids"]
+        cached = eos is not None and bool(probe) and probe[-1] == eos
+        try:
+            tokenizer._fedtune_appends_eos = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """The tokenizer's own leading specials (e.g. Llama's BOS) + the text, never a final EOS:
+    the completion follows the prompt, so the prompt must not look finished."""
+    ids = list(tokenizer(text, verbose=False)["input_ids"])
+    if ids and _appends_eos(tokenizer):
+        ids = ids[:-1]
+    return ids
+
+
+def encode_completion(tokenizer, text: str, add_eos: bool) -> list[int]:
+    """The completion's tokens without specials (+ EOS, so the model learns to stop)."""
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    if add_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("add_eos is set but the tokenizer has no eos_token_id")
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def pack_blocks(ds, tokenizer, text_column: str, seq_len: int) -> torch.Tensor:
+    """Tokenize, join documents with EOS, cut into [n_blocks, seq_len] (remainder dropped)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in ds[text_column]:
+        if text:
+            ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+            if eos is not None:
+                ids.append(eos)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise DataError(f"{len(ids)} tokens do not fill one block of `data.seq_len` = {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
 def prompt_fields(template: str) -> list[str]:
@@ -59,6 +110,11 @@ def required_columns(cfg: Config) -> tuple[str, ...]:
     if t.type == "prompt-classification":
         return (*dict.fromkeys(prompt_fields(t.prompt)), t.label_column)
     return (*t.text_columns, t.label_column)
+
+
+def load_task_data(cfg: Config, with_public: bool = False):
+    """`data.load_data` with the columns this task reads (see there for what it returns)."""
+    return data.load_data(cfg, required_columns(cfg), with_public)
 
 
 def class_index(value, label_names: list[str], where: str) -> int:
@@ -257,10 +313,6 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def count_tokens(examples: list[dict]) -> int:
-    return sum(len(e["input_ids"]) for e in examples)
-
-
 # ---------------------------------------------------------------- one client's examples
 
 def client_examples(cfg: Config, pid: int, tokenizer, data_path: str = "",
@@ -301,4 +353,4 @@ def _load_partition(cfg: Config, pid: int, data_path: str):
         if len(part) == 0:
             raise DataError(f"data-path {data_path} holds no samples")
         return part
-    return data.load_data(cfg)[1][pid]
+    return load_task_data(cfg)[1][pid]
