@@ -62,7 +62,6 @@ class WandB:
 
 
 REGISTRY: dict[str, Callable] = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
-PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
 def register(name: str, factory: Callable) -> None:
