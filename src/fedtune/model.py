@@ -92,17 +92,17 @@ def position_limit(config: dict) -> tuple[int | None, bool]:
     return limit, rope
 
 
-def module_names(cfg: Config) -> list[str]:
+def module_names(cfg: Config, config: dict) -> list[str]:
     """Every module name of the model without loading weights: what LoRA's
     `target_modules` are matched against. A local folder's safetensors headers list its
-    parameters (milliseconds), plus `lm_head` when config.json ties it to the input
+    parameters (milliseconds), plus `lm_head` when `config` (config.json) ties it to the input
     embeddings (tied weights are saved once, under the embedding's name). Without
     safetensors files, or for a classifier (its head is new), a weightless (meta-device)
     copy is built: ~3 s of transformers imports."""
     folder = Path(assets.resolve_model(cfg.model.name)).expanduser()
     found = _names_in_safetensors(folder)
     if found and cfg.task.type != "sequence-classification":
-        tied = json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", True)
+        tied = config.get("tie_word_embeddings", True)
         return sorted(set(found) | ({"lm_head"} if tied else set()))
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

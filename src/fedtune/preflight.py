@@ -20,7 +20,8 @@ def check_model(cfg: C.Config) -> tuple[object, list[str]]:
     weights, no transformers config class), then its tokenizer."""
     M.check_runtime(cfg)
     warnings = []
-    limit, rope = M.position_limit(M.config_json(cfg.model.name))
+    config = M.config_json(cfg.model.name)
+    limit, rope = M.position_limit(config)
     if limit and cfg.data.seq_len > limit:
         if rope:
             warnings.append(f"`data.seq_len` = {cfg.data.seq_len} exceeds {cfg.model.name}'s "
@@ -31,7 +32,8 @@ def check_model(cfg: C.Config) -> tuple[object, list[str]]:
                                f"positions {cfg.model.name} can embed; set data.seq_len <= "
                                f"{limit}"])
     if cfg.model.finetune == "lora":
-        M.check_lora_targets(M.module_names(cfg), cfg.lora.target_modules, cfg.model.name)
+        M.check_lora_targets(M.module_names(cfg, config), cfg.lora.target_modules,
+                             cfg.model.name)
     return M.load_tokenizer(cfg.model.name), warnings
 
 
