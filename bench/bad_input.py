@@ -23,9 +23,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 import bad_inputs  # noqa: E402
 import tinymodels  # noqa: E402
 
-
-FLOOR = ("import fedtune.cli, torch, datasets, flwr_datasets.partitioner, "
-         "transformers.configuration_utils")
+FLOOR = (
+    "import fedtune.cli, torch, datasets, flwr_datasets.partitioner, "
+    "transformers.configuration_utils"
+)
 
 
 def main() -> int:
@@ -33,23 +34,34 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         tok = tinymodels.gpt2_tokenizer(tmp / "tok")
-        llama, gpt2 = tinymodels.tiny_llama(tmp / "llama", tok), tinymodels.tiny_gpt2(tmp / "gpt2", tok)
+        llama, gpt2 = (
+            tinymodels.tiny_llama(tmp / "llama", tok),
+            tinymodels.tiny_gpt2(tmp / "gpt2", tok),
+        )
         recipe = bad_inputs.write_inputs(tmp / "cases", llama, gpt2)
         worst, bad = 0.0, 0
         print(f"{'seconds':>7}  exit  case: message")
         for case in bad_inputs.TABLE:
             args = bad_inputs.argv(case, tmp / "cases", gpt2, recipe)
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "fedtune.cli", *args], text=True,
-                                  capture_output=True, cwd=tmp / "cases")
+            proc = subprocess.run(
+                [sys.executable, "-m", "fedtune.cli", *args],
+                text=True,
+                capture_output=True,
+                cwd=tmp / "cases",
+            )
             seconds = time.perf_counter() - t0
-            lines = [x for x in proc.stderr.strip().splitlines()
-                     if not x.startswith("fedtune: warning:")]
+            lines = [
+                x for x in proc.stderr.strip().splitlines() if not x.startswith("fedtune: warning:")
+            ]
             ok = proc.returncode == 2 and len(lines) == 1
             bad += not ok
             worst = max(worst, seconds)
-            print(f"{seconds:7.2f}  {proc.returncode:4d}  {case}: "
-                  f"{lines[-1][:150] if lines else '(nothing)'}{'' if ok else '  <-- NOT ONE LINE/EXIT 2'}")
+            print(
+                f"{seconds:7.2f}  {proc.returncode:4d}  {case}: "
+                f"{lines[-1][:150] if lines else '(nothing)'}"
+                f"{'' if ok else '  <-- NOT ONE LINE/EXIT 2'}"
+            )
         print(f"slowest {worst:.2f} s; {bad} case(s) not one line with exit 2")
         # the floor under the cases that must read the model or the data: importing what
         # every run imports anyway, in a fresh process, same machine, same minute

@@ -29,37 +29,52 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fedtune import config as C
-    from fedtune.deploy import _rows, deploy_local
+    from fedtune.deploy import deploy_local
+    from fedtune.results import read_metrics
 
-    overrides = [f"federation.rounds={args.rounds}", "output.plots=false",
-                 "output.save_every=0", *args.set]
+    overrides = [
+        f"federation.rounds={args.rounds}",
+        "output.plots=false",
+        "output.save_every=0",
+        *args.set,
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         _, _, sim_rows = flower_run(args.recipe, overrides, Path(tmp) / "sim")
         cfg = C.load(args.recipe, [*overrides, f"output.dir={Path(tmp) / 'dep'}"])
-        deploy_local(cfg, echo=lambda s: None)
-        dep_rows = _rows(Path(tmp) / "dep")
+        deploy_local(cfg)  # its progress is logged; nothing configures logging here
+        dep_rows = read_metrics(Path(tmp) / "dep")
     setup, loop_s, _ = plain_loop(C.load(args.recipe, overrides))
 
     n = cfg.federation.num_clients
     print(f"recipe {args.recipe}, {n} clients, {overrides}")
     print(f"{'round':>5} {'deployment':>11} {'simulation':>11} {'plain loop':>11}   (seconds)")
     for d, s in zip(dep_rows[1:], sim_rows[1:]):
-        print(f"{d['round']:>5} {d['round_seconds']:>11.1f} {s['round_seconds']:>11.1f} "
-              f"{loop_s / args.rounds:>11.1f}")
+        print(
+            f"{d['round']:>5} {d['round_seconds']:>11.1f} {s['round_seconds']:>11.1f} "
+            f"{loop_s / args.rounds:>11.1f}"
+        )
     print(f"plain loop setup (model load + data, once): {setup:.1f} s")
-    print("deployment breakdown per round (slowest client for each part; the clients of a "
-          "round run in parallel):")
+    print(
+        "deployment breakdown per round (slowest client for each part; the clients of a "
+        "round run in parallel):"
+    )
     for d in dep_rows[1:]:
-        rest = (d["round_seconds"] - d["client_process_age_seconds_max"]
-                - d["client_setup_seconds_max"] - d["client_train_seconds_max"]
-                - d["eval_seconds"])
-        print(f"  round {d['round']}: spawn+imports {d['client_process_age_seconds_max']:.1f}"
-              f" | model load {d['client_model_load_seconds_max']:.1f}"
-              f" | data {d['client_data_seconds_max']:.1f}"
-              f" | training {d['client_train_seconds_max']:.1f}"
-              f" | server eval {d['eval_seconds']:.1f}"
-              f" | transfer, aggregation, waiting {rest:.1f}"
-              f" | {(d['bytes_down'] + d['bytes_up']) / 2**20:.1f} MiB moved")
+        rest = (
+            d["round_seconds"]
+            - d["client_process_age_seconds_max"]
+            - d["client_setup_seconds_max"]
+            - d["client_train_seconds_max"]
+            - d["eval_seconds"]
+        )
+        print(
+            f"  round {d['round']}: spawn+imports {d['client_process_age_seconds_max']:.1f}"
+            f" | model load {d['client_model_load_seconds_max']:.1f}"
+            f" | data {d['client_data_seconds_max']:.1f}"
+            f" | training {d['client_train_seconds_max']:.1f}"
+            f" | server eval {d['eval_seconds']:.1f}"
+            f" | transfer, aggregation, waiting {rest:.1f}"
+            f" | {(d['bytes_down'] + d['bytes_up']) / 2**20:.1f} MiB moved"
+        )
 
 
 if __name__ == "__main__":

@@ -46,11 +46,9 @@ def plain_loop(cfg) -> tuple[float, float, list]:
     t_setup = time.perf_counter()
     tok = M.load_tokenizer(cfg.model.name)
     model = M.load_model(cfg)
-    n = cfg.federation.num_clients
     test, parts, _ = tasks.load_task_data(cfg)
     blocks = [tasks.encode(p, tok, cfg) for p in parts]
-    test_examples = tasks.encode(test, tok, cfg)[: cfg.eval.max_blocks or None]
-    test_rows = test.select(range(len(test_examples)))
+    test_rows, test_examples = tasks.encode_test(test, tok, cfg)
     setup = time.perf_counter() - t_setup
 
     def evaluate():
@@ -64,9 +62,15 @@ def plain_loop(cfg) -> tuple[float, float, list]:
         total = sum(len(b) for b in blocks)
         for pid, b in enumerate(blocks):
             M.load_trainable_state(model, glob)
-            train_local(model, b, cfg.train, lr_for_round(rnd, cfg.federation.rounds, cfg.train),
-                        0.0, seed=cfg.train.seed * 100_003 + rnd * 1_009 + pid,
-                        pad_id=tok.pad_token_id)
+            train_local(
+                model,
+                b,
+                cfg.train,
+                lr_for_round(rnd, cfg.federation.rounds, cfg.train),
+                0.0,
+                seed=cfg.train.seed * 100_003 + rnd * 1_009 + pid,
+                pad_id=tok.pad_token_id,
+            )
             for k, v in M.trainable_state(model).items():
                 acc[k] += v * (len(b) / total)
         M.load_trainable_state(model, acc)
@@ -91,20 +95,26 @@ def main() -> None:
     setup, loop_s, losses = plain_loop(cfg)
     print(f"recipe {args.recipe} with {overrides}")
     print(f"  flower simulation, whole command  : {wall:8.1f} s")
-    print(f"  flower simulation, {args.rounds} rounds only : {rounds_s:8.1f} s "
-          f"({rounds_s / args.rounds:.1f} s/round; eval loss {rows[0]['eval_loss']:.4f} -> "
-          f"{rows[-1]['eval_loss']:.4f})")
-    print(f"  plain loop, {args.rounds} rounds              : {loop_s:8.1f} s "
-          f"({loop_s / args.rounds:.1f} s/round; eval loss {losses[0]:.4f} -> {losses[-1]:.4f};"
-          f" setup {setup:.1f} s not counted)")
+    print(
+        f"  flower simulation, {args.rounds} rounds only : {rounds_s:8.1f} s "
+        f"({rounds_s / args.rounds:.1f} s/round; eval loss {rows[0]['eval_loss']:.4f} -> "
+        f"{rows[-1]['eval_loss']:.4f})"
+    )
+    print(
+        f"  plain loop, {args.rounds} rounds              : {loop_s:8.1f} s "
+        f"({loop_s / args.rounds:.1f} s/round; eval loss {losses[0]:.4f} -> {losses[-1]:.4f};"
+        f" setup {setup:.1f} s not counted)"
+    )
     print(f"  ratio flower rounds / plain loop  : {rounds_s / loop_s:8.2f}")
     print(f"  ratio flower command / plain loop : {wall / (loop_s + setup):8.2f}")
     for r in rows[1:]:
         other = r["round_seconds"] - r["client_train_seconds_sum"] - r["eval_seconds"]
-        print(f"  flower round {r['round']}: {r['round_seconds']:.1f} s = clients' local training "
-              f"{r['client_train_seconds_sum']:.1f} s (summed) + server eval "
-              f"{r['eval_seconds']:.1f} s + the rest {other:.1f} s (client setup "
-              f"{r['client_setup_seconds_max']:.1f} s, messages, aggregation, parallelism)")
+        print(
+            f"  flower round {r['round']}: {r['round_seconds']:.1f} s = clients' local training "
+            f"{r['client_train_seconds_sum']:.1f} s (summed) + server eval "
+            f"{r['eval_seconds']:.1f} s + the rest {other:.1f} s (client setup "
+            f"{r['client_setup_seconds_max']:.1f} s, messages, aggregation, parallelism)"
+        )
 
 
 if __name__ == "__main__":

@@ -44,9 +44,19 @@ def code_jsonl(tmp_path_factory) -> Path:
     return tinymodels.code_jsonl(tmp_path_factory.mktemp("data") / "code.jsonl")
 
 
-FLOWER_AND_RAY = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-clientapp",
-                  "flwr-serverapp", "flwr-simulation", "ray::", "raylet", "gcs_server",
-                  "ray/dashboard", "ray/_private")
+FLOWER_AND_RAY = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-clientapp",
+    "flwr-serverapp",
+    "flwr-simulation",
+    "ray::",
+    "raylet",
+    "gcs_server",
+    "ray/dashboard",
+    "ray/_private",
+)
 
 
 def _flower_and_ray_pids() -> dict[int, str]:
@@ -98,16 +108,21 @@ def nothing_left_running():
     yield
     time.sleep(1)
     me, mark = os.getpid(), f"FEDTUNE_TEST_SESSION={token}".encode()
-    left = {p: c for p, c in _flower_and_ray_pids().items()
-            if p not in before and (_descends_from(p, me) or _has_env(p, mark))}
+    left = {
+        p: c
+        for p, c in _flower_and_ray_pids().items()
+        if p not in before and (_descends_from(p, me) or _has_env(p, mark))
+    }
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
     if left:
-        print(f"\nkilled {len(left)} Flower/Ray processes left behind: "
-              + "; ".join(c[:80] for c in left.values()))
+        print(
+            f"\nkilled {len(left)} Flower/Ray processes left behind: "
+            + "; ".join(c[:80] for c in left.values())
+        )
 
 
 @pytest.fixture(scope="session")
@@ -120,8 +135,14 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
     tok = AutoTokenizer.from_pretrained(resolve_model("offline:all-minilm-l6-v2"))
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                     num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+    )
     out = tmp_path_factory.mktemp("tiny-bert")
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -131,17 +152,35 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reviews_jsonl(tmp_path_factory) -> Path:
     """Short labelled sentences with a `domain` column (hand-written, for mechanics)."""
-    pos = ["a warm, funny and moving film", "great acting and a clever plot",
-           "I loved every minute of it", "the best product I bought this year",
-           "works perfectly and arrived early", "a delightful, well made story"]
-    neg = ["a dull and lifeless mess", "the plot makes no sense at all",
-           "I want my money back", "broke after two days of use",
-           "boring, long and badly acted", "the worst service I have had"]
+    pos = [
+        "a warm, funny and moving film",
+        "great acting and a clever plot",
+        "I loved every minute of it",
+        "the best product I bought this year",
+        "works perfectly and arrived early",
+        "a delightful, well made story",
+    ]
+    neg = [
+        "a dull and lifeless mess",
+        "the plot makes no sense at all",
+        "I want my money back",
+        "broke after two days of use",
+        "boring, long and badly acted",
+        "the worst service I have had",
+    ]
     out = tmp_path_factory.mktemp("reviews") / "reviews.jsonl"
     with out.open("w") as f:
         for i in range(60):
             label = i % 2
             text = (pos if label else neg)[(i // 2) % 6]
-            f.write(json.dumps({"text": f"{text} ({i})", "label": label,
-                                "domain": ["movies", "shop", "news"][i % 3]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "text": f"{text} ({i})",
+                        "label": label,
+                        "domain": ["movies", "shop", "news"][i % 3],
+                    }
+                )
+                + "\n"
+            )
     return out

@@ -52,13 +52,17 @@ class RecordingGrid(InProcessGrid):
     def send_and_receive(self, messages, timeout=None):
         messages = list(messages)
         rnd = int(messages[0].content["config"]["server-round"])
-        self.sent[rnd] = {k: v.numpy().copy()
-                          for k, v in messages[0].content["arrays"].items()}
+        self.sent[rnd] = {k: v.numpy().copy() for k, v in messages[0].content["arrays"].items()}
         replies = super().send_and_receive(messages, timeout)
-        self.replies[rnd] = [(int(r.content["metrics"]["partition_id"]),
-                              int(r.content["metrics"]["num-examples"]),
-                              {k: v.numpy().copy() for k, v in r.content["arrays"].items()})
-                             for r in replies if not r.has_error()]
+        self.replies[rnd] = [
+            (
+                int(r.content["metrics"]["partition_id"]),
+                int(r.content["metrics"]["num-examples"]),
+                {k: v.numpy().copy() for k, v in r.content["arrays"].items()},
+            )
+            for r in replies
+            if not r.has_error()
+        ]
         return replies
 
 

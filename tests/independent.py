@@ -26,8 +26,9 @@ def token_loss(model, examples: list[dict], precision: str = "fp32") -> float:
 
 
 @torch.no_grad()
-def completion_logprob(model, prompt_ids: list[int], completion_ids: list[int],
-                       precision: str = "fp32") -> float:
+def completion_logprob(
+    model, prompt_ids: list[int], completion_ids: list[int], precision: str = "fp32"
+) -> float:
     """log p(completion | prompt), summed over the completion's tokens."""
     ids = torch.tensor([prompt_ids + completion_ids])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -45,7 +46,7 @@ def greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int])
         if nxt in eos_ids:
             break
         ids.append(nxt)
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]
 
 
 def prompt_ids(tok, text: str) -> list[int]:
@@ -55,16 +56,19 @@ def prompt_ids(tok, text: str) -> list[int]:
     return ids[:-1] if appends_eos else ids
 
 
-def letter_accuracy(model, tok, questions: list[dict], prompts: list[str],
-                    precision: str = "fp32") -> float:
+def letter_accuracy(
+    model, tok, questions: list[dict], prompts: list[str], precision: str = "fp32"
+) -> float:
     """MMLU letter scoring: the letter among " A".." D" with the highest probability after
     the prompt, compared with the answer index."""
     right = 0
     for q, text in zip(questions, prompts):
         p = prompt_ids(tok, text)
-        scores = [completion_logprob(model, p, tok(" " + "ABCDEFGH"[i],
-                                                  add_special_tokens=False)["input_ids"],
-                                     precision)
-                  for i in range(len(q["choices"]))]
+        scores = [
+            completion_logprob(
+                model, p, tok(" " + "ABCDEFGH"[i], add_special_tokens=False)["input_ids"], precision
+            )
+            for i in range(len(q["choices"]))
+        ]
         right += max(range(len(scores)), key=scores.__getitem__) == q["answer"]
     return right / len(questions)

@@ -1,5 +1,6 @@
 """Checkpoints, resume to the same metrics, early stopping, trackers (clients in-process)."""
 
+import importlib.util
 import json
 import shutil
 
@@ -24,9 +25,15 @@ def run_until_killed(cfg, rnd):
 
 def test_resume_after_a_stop_gives_the_same_metrics(tmp_path, tiny_model_dir, code_jsonl):
     """FedAvgM keeps server momentum: resume must restore it, not only the weights."""
-    common = ("federation.rounds=4", "strategy.name=fedavgm",
-              "strategy.params.server_momentum=0.9", "output.save_every=1",
-              "train.lr_schedule=cosine", "train.lr_min=1e-4", "output.plots=false")
+    common = (
+        "federation.rounds=4",
+        "strategy.name=fedavgm",
+        "strategy.params.server_momentum=0.9",
+        "output.save_every=1",
+        "train.lr_schedule=cosine",
+        "train.lr_min=1e-4",
+        "output.plots=false",
+    )
     full = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "full", *common)
     run_federation(InProcessGrid(full), full)
 
@@ -39,8 +46,7 @@ def test_resume_after_a_stop_gives_the_same_metrics(tmp_path, tiny_model_dir, co
     (ckpts / ".tmp-round-0003" / "server_state.pt").write_bytes(b"truncated")
     assert checkpoint.latest(tmp_path / "cut")[0] == 2
 
-    resumed = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common,
-                       "output.resume=true")
+    resumed = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common, "output.resume=true")
     summary = run_federation(InProcessGrid(resumed), resumed)
     a, b = rows_of(tmp_path / "full"), rows_of(tmp_path / "cut")
     assert [r["round"] for r in b] == [0, 1, 2, 3, 4]
@@ -53,9 +59,13 @@ def test_resume_after_a_stop_gives_the_same_metrics(tmp_path, tiny_model_dir, co
 
 def test_resume_without_momentum_state_would_differ(tmp_path, tiny_model_dir, code_jsonl):
     """The comparison above can fail: dropping the strategy state changes round 3."""
-    common = ("federation.rounds=3", "strategy.name=fedavgm",
-              "strategy.params.server_momentum=0.9", "output.save_every=1",
-              "output.plots=false")
+    common = (
+        "federation.rounds=3",
+        "strategy.name=fedavgm",
+        "strategy.params.server_momentum=0.9",
+        "output.save_every=1",
+        "output.plots=false",
+    )
     full = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "full", *common)
     run_federation(InProcessGrid(full), full)
     cut = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common)
@@ -64,35 +74,56 @@ def test_resume_without_momentum_state_would_differ(tmp_path, tiny_model_dir, co
     state = torch.load(state_file, weights_only=False)
     state["strategy"] = {k: None for k in state["strategy"]}
     torch.save(state, state_file)
-    resumed = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common,
-                       "output.resume=true")
+    resumed = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common, "output.resume=true")
     run_federation(InProcessGrid(resumed), resumed)
     a, b = rows_of(tmp_path / "full"), rows_of(tmp_path / "cut")
     assert abs(a[3]["eval_loss"] - b[3]["eval_loss"]) > 1e-6
 
 
 def test_resume_refuses_a_changed_recipe_and_a_folder_without_checkpoints(
-        tmp_path, tiny_model_dir, code_jsonl):
-    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "r", "output.save_every=1",
-                   "output.plots=false")
+    tmp_path, tiny_model_dir, code_jsonl
+):
+    cfg = make_cfg(
+        tiny_model_dir, code_jsonl, tmp_path / "r", "output.save_every=1", "output.plots=false"
+    )
     run_until_killed(cfg, 2)
-    changed = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "r", "output.save_every=1",
-                       "output.resume=true", "train.lr=0.5", "output.plots=false")
+    changed = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path / "r",
+        "output.save_every=1",
+        "output.resume=true",
+        "train.lr=0.5",
+        "output.plots=false",
+    )
     with pytest.raises(C.ConfigError, match="changed `train.lr`"):
         checkpoint.check_resumable(tmp_path / "r", changed)
-    more_rounds = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "r", "output.save_every=1",
-                           "output.resume=true", "output.plots=false", "federation.rounds=5")
+    more_rounds = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path / "r",
+        "output.save_every=1",
+        "output.resume=true",
+        "output.plots=false",
+        "federation.rounds=5",
+    )
     assert checkpoint.check_resumable(tmp_path / "r", more_rounds)[0] == 1
     empty = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "empty", "output.resume=true")
     with pytest.raises(C.ConfigError, match="nothing to resume"):
         checkpoint.check_resumable(tmp_path / "empty", empty)
 
 
-def test_retention_keeps_the_last_checkpoints_and_the_best(tmp_path, tiny_model_dir,
-                                                             code_jsonl):
-    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "r", "federation.rounds=4",
-                   "output.save_every=1", "output.keep_last=2", "output.keep_best=true",
-                   "output.plots=false")
+def test_retention_keeps_the_last_checkpoints_and_the_best(tmp_path, tiny_model_dir, code_jsonl):
+    cfg = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path / "r",
+        "federation.rounds=4",
+        "output.save_every=1",
+        "output.keep_last=2",
+        "output.keep_best=true",
+        "output.plots=false",
+    )
     run_federation(InProcessGrid(cfg), cfg)
     ck = tmp_path / "r" / "checkpoints"
     assert sorted(p.name for p in ck.glob("round-*")) == ["round-0003", "round-0004"]
@@ -104,14 +135,22 @@ def test_retention_keeps_the_last_checkpoints_and_the_best(tmp_path, tiny_model_
 
 def test_early_stopping_keeps_the_best_model_as_final(tmp_path, tiny_model_dir, code_jsonl):
     # a huge learning rate makes the eval loss rise from round 1 on
-    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "es", "federation.rounds=6",
-                   "train.lr=3.0", "train.max_grad_norm=0", "train.local_steps=3",
-                   "train.early_stopping={metric='eval_loss', patience=2, min_delta=0.0}",
-                   "output.plots=false", "output.save_final=true")
+    cfg = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path / "es",
+        "federation.rounds=6",
+        "train.lr=3.0",
+        "train.max_grad_norm=0",
+        "train.local_steps=3",
+        "train.early_stopping={metric='eval_loss', patience=2, min_delta=0.0}",
+        "output.plots=false",
+        "output.save_final=true",
+    )
     summary = run_federation(InProcessGrid(cfg), cfg)
     rows = rows_of(tmp_path / "es")
     assert rows[1]["eval_loss"] > rows[0]["eval_loss"]
-    assert [r["round"] for r in rows] == [0, 1, 2]        # stopped after `patience` rounds
+    assert [r["round"] for r in rows] == [0, 1, 2]  # stopped after `patience` rounds
     assert summary["stopped_early"] and "did not improve" in summary["stop_reason"]
     assert summary["final_model_round"] == 0
     final = load_file(tmp_path / "es" / "final" / "adapter_model.safetensors")
@@ -128,16 +167,16 @@ def test_early_stopping_config_is_checked():
     with pytest.raises(C.ConfigError, match="unknown key `train.early_stopping.wait`"):
         C.load(None, ["train.early_stopping={patience=2, wait=1}"], check_paths=False)
     with pytest.raises(C.ConfigError, match="must start with eval_"):
-        C.load(None, ["train.early_stopping={patience=2, metric='train_loss'}"],
-               check_paths=False)
+        C.load(None, ["train.early_stopping={patience=2, metric='train_loss'}"], check_paths=False)
 
 
 def test_trackers_are_optional_and_checked(monkeypatch):
     with pytest.raises(C.ConfigError, match="unknown tracker 'comet'"):
         C.load(None, ["output.trackers=['comet']"], check_paths=False)
-    real = C.importlib.util.find_spec
-    monkeypatch.setattr(C.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "mlflow" else real(name, *a))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
+    )
     with pytest.raises(C.ConfigError, match="needs the `mlflow` package"):
         C.load(None, ["output.trackers=['mlflow']"], check_paths=False)
 
@@ -145,8 +184,9 @@ def test_trackers_are_optional_and_checked(monkeypatch):
 def test_tensorboard_event_files_hold_every_round(tmp_path, tiny_model_dir, code_jsonl):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "tb", "output.tensorboard=true",
-                   "output.plots=false")
+    cfg = make_cfg(
+        tiny_model_dir, code_jsonl, tmp_path / "tb", "output.tensorboard=true", "output.plots=false"
+    )
     run_federation(InProcessGrid(cfg), cfg)
     acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
     acc.Reload()
@@ -157,20 +197,24 @@ def test_tensorboard_event_files_hold_every_round(tmp_path, tiny_model_dir, code
 
 
 @pytest.mark.parametrize("strategy", ["fedadam", "fedyogi", "fedadagrad"])
-def test_fedopt_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, code_jsonl,
-                                                   strategy):
+def test_fedopt_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, code_jsonl, strategy):
     """FedAdam/FedYogi/FedAdagrad keep server moments (m_t, v_t): a resume must restore them."""
-    common = ("federation.rounds=3", f"strategy.name={strategy}", "strategy.params.eta=0.01",
-              "output.save_every=1", "output.plots=false")
+    common = (
+        "federation.rounds=3",
+        f"strategy.name={strategy}",
+        "strategy.params.eta=0.01",
+        "output.save_every=1",
+        "output.plots=false",
+    )
     full = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "full", *common)
     run_federation(InProcessGrid(full), full)
     cut = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common)
     run_until_killed(cut, 3)
-    state = torch.load(tmp_path / "cut" / "checkpoints" / "round-0002" / "server_state.pt",
-                       weights_only=False)
-    assert state["strategy"]["v_t"] is not None     # the moments are in the checkpoint
-    resumed = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common,
-                       "output.resume=true")
+    state = torch.load(
+        tmp_path / "cut" / "checkpoints" / "round-0002" / "server_state.pt", weights_only=False
+    )
+    assert state["strategy"]["v_t"] is not None  # the moments are in the checkpoint
+    resumed = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common, "output.resume=true")
     run_federation(InProcessGrid(resumed), resumed)
     a, b = rows_of(tmp_path / "full"), rows_of(tmp_path / "cut")
     assert [r["round"] for r in b] == [0, 1, 2, 3]
@@ -184,23 +228,40 @@ def test_a_rerun_into_a_used_folder_starts_clean(tmp_path, tiny_model_dir, code_
     """overwrite: no checkpoint, plot or summary of the old run survives, latest.json names
     a folder that exists, and retention counts only the new run's rounds."""
     out = tmp_path / "r"
-    old = make_cfg(tiny_model_dir, code_jsonl, out, "federation.rounds=4",
-                   "output.save_every=1", "output.keep_last=2", "output.keep_best=true")
+    old = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        out,
+        "federation.rounds=4",
+        "output.save_every=1",
+        "output.keep_last=2",
+        "output.keep_best=true",
+    )
     run_federation(InProcessGrid(old), old)
-    assert sorted(p.name for p in (out / "checkpoints").glob("round-*")) == \
-        ["round-0003", "round-0004"]
-    new = make_cfg(tiny_model_dir, code_jsonl, out, "federation.rounds=2",
-                   "output.save_every=1", "output.keep_last=2", "train.lr=1e-3")
-    run_until_killed(new, 2)    # round 1 done, then killed: nothing of the old run may remain
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.json",
-                                                                      "round-0001"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("round-*")) == [
+        "round-0003",
+        "round-0004",
+    ]
+    new = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        out,
+        "federation.rounds=2",
+        "output.save_every=1",
+        "output.keep_last=2",
+        "train.lr=1e-3",
+    )
+    run_until_killed(new, 2)  # round 1 done, then killed: nothing of the old run may remain
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.json", "round-0001"]
     rnd, folder = checkpoint.latest(out)
     assert rnd == 1 and folder.is_dir()
     assert not (out / "summary.json").exists() and not (out / "report.md").exists()
     assert [r["round"] for r in read_metrics(out)] == [0, 1]
-    run_federation(InProcessGrid(new), new)          # the same recipe again, to the end
-    assert sorted(p.name for p in (out / "checkpoints").glob("round-*")) == \
-        ["round-0001", "round-0002"]
+    run_federation(InProcessGrid(new), new)  # the same recipe again, to the end
+    assert sorted(p.name for p in (out / "checkpoints").glob("round-*")) == [
+        "round-0001",
+        "round-0002",
+    ]
     assert checkpoint.latest(out)[1].is_dir()
 
 
@@ -208,14 +269,20 @@ def test_a_used_folder_is_refused_without_overwrite(tmp_path, tiny_model_dir, co
     out = tmp_path / "r"
     cfg = make_cfg(tiny_model_dir, code_jsonl, out, "federation.rounds=1")
     run_federation(InProcessGrid(cfg), cfg)
-    again = make_cfg(tiny_model_dir, code_jsonl, out, "federation.rounds=1",
-                     "output.overwrite=false")
+    again = make_cfg(
+        tiny_model_dir, code_jsonl, out, "federation.rounds=1", "output.overwrite=false"
+    )
     with pytest.raises(C.ConfigError, match="holds an earlier run.*--resume"):
         run_federation(InProcessGrid(again), again)
     (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("not fedtune's")   # other files are kept
-    other = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "mine", "federation.rounds=1",
-                     "output.overwrite=false")
+    (tmp_path / "mine" / "notes.txt").write_text("not fedtune's")  # other files are kept
+    other = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path / "mine",
+        "federation.rounds=1",
+        "output.overwrite=false",
+    )
     run_federation(InProcessGrid(other), other)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "not fedtune's"
 

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from fedtune import config as C, data, tasks
@@ -24,8 +23,12 @@ def test_iid_partitions_are_disjoint_cover_the_pool_and_exclude_the_test_split(c
 
 
 def test_fixed_size_partitions_have_exactly_that_many_samples(code_jsonl):
-    cfg = cfg_for(code_jsonl, "data.test_samples=4", "data.partitioner=fixed-size",
-                  "data.samples_per_client=5")
+    cfg = cfg_for(
+        code_jsonl,
+        "data.test_samples=4",
+        "data.partitioner=fixed-size",
+        "data.samples_per_client=5",
+    )
     _, pool = data.split(data.load_source(cfg.data), cfg.data, seed=0)
     parts = data.partitions(pool, cfg.data, num_clients=3)
     assert [len(p) for p in parts] == [5, 5, 5]
@@ -33,8 +36,12 @@ def test_fixed_size_partitions_have_exactly_that_many_samples(code_jsonl):
 
 
 def test_fixed_size_asking_for_too_much_is_a_clear_error(code_jsonl):
-    cfg = cfg_for(code_jsonl, "data.test_samples=4", "data.partitioner=fixed-size",
-                  "data.samples_per_client=1000")
+    cfg = cfg_for(
+        code_jsonl,
+        "data.test_samples=4",
+        "data.partitioner=fixed-size",
+        "data.samples_per_client=1000",
+    )
     _, pool = data.split(data.load_source(cfg.data), cfg.data, seed=0)
     with pytest.raises(data.DataError, match="3 clients x 1000 samples = 3000"):
         data.partitions(pool, cfg.data, num_clients=3)
@@ -43,9 +50,11 @@ def test_fixed_size_asking_for_too_much_is_a_clear_error(code_jsonl):
 def test_split_is_deterministic_by_seed_and_changes_with_it(code_jsonl):
     cfg = cfg_for(code_jsonl, "data.test_samples=4")
     ds = data.load_source(cfg.data)
+
     def part_and_test(seed):
-        c = cfg_for(code_jsonl, "data.test_samples=4", "federation.num_clients=3",
-                    f"train.seed={seed}")
+        c = cfg_for(
+            code_jsonl, "data.test_samples=4", "federation.num_clients=3", f"train.seed={seed}"
+        )
         test, parts, _ = data.load_data(c, ("text",))
         return parts[2], test
 
@@ -100,8 +109,12 @@ def test_pack_blocks_joins_documents_with_eos_and_drops_the_remainder(tiny_model
     from datasets import Dataset
 
     ds = Dataset.from_list([{"text": "def f(x):\n    return x\n"}, {"text": "import os\n"}])
-    ids = tok(ds[0]["text"])["input_ids"] + [tok.eos_token_id] + tok(ds[1]["text"])[
-        "input_ids"] + [tok.eos_token_id]
+    ids = (
+        tok(ds[0]["text"])["input_ids"]
+        + [tok.eos_token_id]
+        + tok(ds[1]["text"])["input_ids"]
+        + [tok.eos_token_id]
+    )
     blocks = tasks.pack_blocks(ds, tok, "text", seq_len=4)
     assert blocks.shape == (len(ids) // 4, 4)
     assert blocks.flatten().tolist() == ids[: blocks.numel()]
@@ -112,15 +125,29 @@ def test_pack_blocks_joins_documents_with_eos_and_drops_the_remainder(tiny_model
 def test_a_client_gets_the_dirichlet_partition_the_server_reports(tmp_path):
     """Server and clients derive the split independently; they must agree row for row."""
     src = tmp_path / "labelled.jsonl"
-    src.write_text("".join(json.dumps({"text": f"row {i}", "id": i, "label": i % 3}) + "\n"
-                           for i in range(300)))
-    cfg = cfg_for(src, "data.test_samples=30", "data.partitioner=dirichlet",
-                  "data.dirichlet_alpha=0.3", "data.partition_by=label")
+    src.write_text(
+        "".join(
+            json.dumps({"text": f"row {i}", "id": i, "label": i % 3}) + "\n" for i in range(300)
+        )
+    )
+    cfg = cfg_for(
+        src,
+        "data.test_samples=30",
+        "data.partitioner=dirichlet",
+        "data.dirichlet_alpha=0.3",
+        "data.partition_by=label",
+    )
     _, pool = data.split(data.load_source(cfg.data), cfg.data, seed=5)
     server = data.partitions(pool, cfg.data, 4, seed=5, column="label")
-    clients = cfg_for(src, "data.test_samples=30", "data.partitioner=dirichlet",
-                      "data.dirichlet_alpha=0.3", "data.partition_by=label",
-                      "federation.num_clients=4", "train.seed=5")
+    clients = cfg_for(
+        src,
+        "data.test_samples=30",
+        "data.partitioner=dirichlet",
+        "data.dirichlet_alpha=0.3",
+        "data.partition_by=label",
+        "federation.num_clients=4",
+        "train.seed=5",
+    )
     for pid in range(4):
         part = data.load_data(clients, ("text", "label"))[1][pid]
         assert list(part["id"]) == list(server[pid]["id"])
@@ -130,7 +157,9 @@ def test_unreachable_hub_dataset_is_a_clear_error_not_a_traceback(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     cfg = C.load(None, ["data.source=nyu-mll/glue", "data.subset=mrpc"])
-    with pytest.raises(data.DataError, match="cannot load `data.source` = 'nyu-mll/glue'.*HF_HUB_OFFLINE"):
+    with pytest.raises(
+        data.DataError, match="cannot load `data.source` = 'nyu-mll/glue'.*HF_HUB_OFFLINE"
+    ):
         data.load_source(cfg.data)
 
 
@@ -144,22 +173,34 @@ def test_example_cache_follows_a_hub_dataset_revision(tmp_path, monkeypatch, tin
     monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
     revision = {"text": "alpha beta gamma delta " * 40, "fp": "rev-a"}
 
-    def fake_hub(name, subset=None, split=None):   # what load_dataset returns for a hub id
+    def fake_hub(name, subset=None, split=None):  # what load_dataset returns for a hub id
         ds = Dataset.from_list([{"text": f"{revision['text']} {i}"} for i in range(12)])
-        ds._fingerprint = revision["fp"]            # hub datasets: derived from the revision
+        ds._fingerprint = revision["fp"]  # hub datasets: derived from the revision
         return ds
 
     monkeypatch.setattr(data, "load_dataset", fake_hub)
     encoded = []
     real_encode = tasks.encode
     monkeypatch.setattr(tasks, "encode", lambda *a: encoded.append(1) or real_encode(*a))
-    cfg = C.load(None, [f"model.name={tiny_model_dir}", "data.source=someorg/corpus",
-                        "data.test_samples=2", "data.seq_len=16", "federation.num_clients=2"])
+    cfg = C.load(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            "data.source=someorg/corpus",
+            "data.test_samples=2",
+            "data.seq_len=16",
+            "federation.num_clients=2",
+        ],
+    )
     tok = M.load_tokenizer(cfg.model.name)
     first = tasks.client_examples(cfg, 0, tok)
-    assert tasks.client_examples(cfg, 0, tok) == first and len(encoded) == 1   # cache hit
-    revision.update(text="one two three four five " * 40, fp="rev-b")            # hub update
+    assert tasks.client_examples(cfg, 0, tok) == first and len(encoded) == 1  # cache hit
+    revision.update(text="one two three four five " * 40, fp="rev-b")  # hub update
     second = tasks.client_examples(cfg, 0, tok)
     assert len(encoded) == 2 and second != first
-    assert second[0]["input_ids"] == tok("one two three four five" + " one two three four five"
-                                         * 3, add_special_tokens=False)["input_ids"][:16]
+    assert (
+        second[0]["input_ids"]
+        == tok(
+            "one two three four five" + " one two three four five" * 3, add_special_tokens=False
+        )["input_ids"][:16]
+    )

@@ -15,11 +15,27 @@ def test_demo_recipe_lowers_eval_loss_with_the_real_model(tmp_path):
     out = tmp_path / "demo"
     # one short round: same model, data, LoRA and optimizer as the demo, fewer steps
     proc = subprocess.run(
-        [sys.executable, "-m", "fedtune.cli", "run", str(ROOT / "recipes/demo.toml"),
-         "--set", "federation.rounds=1", "--set", "train.local_steps=4",
-         "--set", "eval.max_blocks=16", "--set", "eval.batch_size=1",
-         "--set", f"output.dir={out}"],
-        capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "fedtune.cli",
+            "run",
+            str(ROOT / "recipes/demo.toml"),
+            "--set",
+            "federation.rounds=1",
+            "--set",
+            "train.local_steps=4",
+            "--set",
+            "eval.max_blocks=16",
+            "--set",
+            "eval.batch_size=1",
+            "--set",
+            f"output.dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
@@ -31,8 +47,13 @@ def test_demo_recipe_lowers_eval_loss_with_the_real_model(tmp_path):
     # computes the test loss example by example with plain torch. eval.batch_size=1 above
     # gives both the same bf16 shapes: batches of 8 against one block at a time differed by
     # 4.5e-4 relative under bf16 autocast (CI, stop 18), more than a float tolerance.
-    check = subprocess.run([sys.executable, "-c", RECOMPUTE, str(out)], capture_output=True,
-                           text=True, timeout=600, cwd=ROOT / "tests")
+    check = subprocess.run(
+        [sys.executable, "-c", RECOMPUTE, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT / "tests",
+    )
     assert check.returncode == 0, check.stderr[-3000:]
     assert float(check.stdout.split()[-1]) == pytest.approx(rows[1]["eval_loss"], rel=1e-4)
 
@@ -60,19 +81,20 @@ def mmlu_by_hand(run) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedtune import assets, config as C, mmlu
     import independent
+    from fedtune import assets, config as C, mmlu
 
     cfg = C.load(run / "config.toml")
     e = cfg.eval
-    questions = mmlu.load_questions(e.mmlu_source, e.mmlu_subset, e.mmlu_split,
-                                    e.mmlu_max_questions, cfg.train.seed)
+    questions = mmlu.load_questions(
+        e.mmlu_source, e.mmlu_subset, e.mmlu_split, e.mmlu_max_questions, cfg.train.seed
+    )
     base = AutoModelForCausalLM.from_pretrained(assets.resolve_model(cfg.model.name))
     model = PeftModel.from_pretrained(base, run / "final").eval()
     tok = AutoTokenizer.from_pretrained(run / "final")
-    return independent.letter_accuracy(model, tok, questions,
-                                       [mmlu.format_prompt(q) for q in questions],
-                                       cfg.train.precision)
+    return independent.letter_accuracy(
+        model, tok, questions, [mmlu.format_prompt(q) for q in questions], cfg.train.precision
+    )
 
 
 # The three task demos, shortened (1 round, few steps, small test split): they must run from
@@ -80,17 +102,38 @@ def mmlu_by_hand(run) -> float:
 # partitions.json with a histogram. Full-length figures are in the README. The instruction
 # demo goes through the Simulation Engine; the two classification demos use in-process
 # clients (the same ClientApp code, without paying Ray's start-up twice more in CI).
-ENGINE = {"demo-instruct.toml": "simulation", "demo-prompt-sentiment.toml": "inprocess",
-          "demo-encoder-sentiment.toml": "inprocess"}
+ENGINE = {
+    "demo-instruct.toml": "simulation",
+    "demo-prompt-sentiment.toml": "inprocess",
+    "demo-encoder-sentiment.toml": "inprocess",
+}
 TASK_DEMOS = {
-    "demo-instruct.toml": (["data.max_samples=160", "data.test_samples=16",
-                            "train.local_steps=3", "eval.mmlu_max_questions=16",
-                            "output.save_every=0"], "eval_loss", "min"),
-    "demo-prompt-sentiment.toml": (["data.max_samples=400", "data.test_samples=48",
-                                    "data.min_partition_size=20", "train.local_steps=6"],
-                                   "eval_accuracy", "max"),
-    "demo-encoder-sentiment.toml": (["data.max_samples=1600", "data.test_samples=200",
-                                     "train.local_steps=20"], "eval_accuracy", "max"),
+    "demo-instruct.toml": (
+        [
+            "data.max_samples=160",
+            "data.test_samples=16",
+            "train.local_steps=3",
+            "eval.mmlu_max_questions=16",
+            "output.save_every=0",
+        ],
+        "eval_loss",
+        "min",
+    ),
+    "demo-prompt-sentiment.toml": (
+        [
+            "data.max_samples=400",
+            "data.test_samples=48",
+            "data.min_partition_size=20",
+            "train.local_steps=6",
+        ],
+        "eval_accuracy",
+        "max",
+    ),
+    "demo-encoder-sentiment.toml": (
+        ["data.max_samples=1600", "data.test_samples=200", "train.local_steps=20"],
+        "eval_accuracy",
+        "max",
+    ),
 }
 
 
@@ -99,16 +142,23 @@ TASK_DEMOS = {
 def test_task_demo_runs_and_prints_its_metric(tmp_path, recipe):
     extra, metric, mode = TASK_DEMOS[recipe]
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "fedtune.cli", "run", str(ROOT / "recipes" / recipe),
-            "--engine", ENGINE[recipe]]
+    args = [
+        sys.executable,
+        "-m",
+        "fedtune.cli",
+        "run",
+        str(ROOT / "recipes" / recipe),
+        "--engine",
+        ENGINE[recipe],
+    ]
     for o in ["federation.rounds=1", f"output.dir={out}", *extra]:
         args += ["--set", o]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    short = metric[len("eval_"):]
-    assert f"round 0/1 loss" in text and f"round 1/1 loss" in text and f" {short} " in text
+    short = metric[len("eval_") :]
+    assert "round 0/1 loss" in text and "round 1/1 loss" in text and f" {short} " in text
     assert all(metric in r for r in rows)
     parts = json.loads((out / "partitions.json").read_text())
     assert all(c["histogram"] for c in parts["clients"]), parts

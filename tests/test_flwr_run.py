@@ -37,28 +37,58 @@ def test_flwr_run_dot_runs_the_fedtune_app(tmp_path, tiny_model_dir, code_jsonl)
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
-        "insecure = true\n")
+        "insecure = true\n"
+    )
     # the SuperLink starts `flower-superexec` and `flwr-simulation` by name: PATH must have them
-    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                        "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-                        "FLWR_DISABLE_UPDATE_CHECK": "1",
-                        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = os.environ | {
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
     pyproject_before = (ROOT / "pyproject.toml").read_text()
     log = (tmp_path / "superlink.log").open("w")
     link = subprocess.Popen(
-        [str(BIN / "flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1",
-         "--port", str(port), "--disable-runtime-dependency-installation"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "flower-superlink"),
+            "--simulation",
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     out = tmp_path / "run"
     try:
         wait_healthy(port, link, tmp_path / "superlink.log")
         # inside set='...' (a TOML literal string) lists must use double quotes
         overrides = " ".join(tiny_overrides(tiny_model_dir, code_jsonl, out)).replace("'", '"')
         proc = subprocess.run(
-            [str(BIN / "flwr"), "run", str(ROOT), "sim", "--format", "json",
-             "--federation-config", "num-supernodes=2 client-resources-num-cpus=1",
-             "--run-config", f"set='{overrides}'"],
-            env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+            [
+                str(BIN / "flwr"),
+                "run",
+                str(ROOT),
+                "sim",
+                "--format",
+                "json",
+                "--federation-config",
+                "num-supernodes=2 client-resources-num-cpus=1",
+                "--run-config",
+                f"set='{overrides}'",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         reply = json.loads(proc.stdout)
         assert reply.get("success"), reply
@@ -66,8 +96,12 @@ def test_flwr_run_dot_runs_the_fedtune_app(tmp_path, tiny_model_dir, code_jsonl)
         status, deadline = "", time.time() + 400
         while not status.startswith("finished") and time.time() < deadline:
             time.sleep(3)
-            ls = subprocess.run([str(BIN / "flwr"), "ls", "sim", "--run-id", str(run_id),
-                                 "--format", "json"], env=env, capture_output=True, text=True)
+            ls = subprocess.run(
+                [str(BIN / "flwr"), "ls", "sim", "--run-id", str(run_id), "--format", "json"],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             status = json.loads(ls.stdout)["runs"][0]["status"]
         # flwr run's exit code says nothing about the ServerApp: judge by the run's status
         assert status == "finished:completed", (tmp_path / "superlink.log").read_text()[-4000:]

@@ -25,7 +25,8 @@ def test_classification_matches_sklearn(name):
     got = classification_metrics(preds, labels)
     assert got["accuracy"] == pytest.approx(accuracy_score(labels, preds))
     assert got["f1_macro"] == pytest.approx(
-        f1_score(labels, preds, average="macro", zero_division=0))
+        f1_score(labels, preds, average="macro", zero_division=0)
+    )
     assert got["mcc"] == pytest.approx(matthews_corrcoef(labels, preds))
 
 
@@ -46,8 +47,9 @@ def test_rouge_by_hand():
     # "the cat sat on the mat" vs "the cat lay on the mat": 5/6 unigrams, bigrams
     # (the cat), (on the), (the mat) shared out of 5 each; mean over the two pairs with
     # a perfect second pair
-    got = rouge(["the cat sat on the mat", "hello world"],
-                ["the cat lay on the mat", "hello world"])
+    got = rouge(
+        ["the cat sat on the mat", "hello world"], ["the cat lay on the mat", "hello world"]
+    )
     assert got["rouge1"] == pytest.approx((5 / 6 + 1) / 2)
     assert got["rouge2"] == pytest.approx((3 / 5 + 1) / 2)
 

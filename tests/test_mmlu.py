@@ -10,19 +10,30 @@ import pytest
 import torch
 
 from fedtune.data import DataError
-from fedtune.mmlu import (SUBJECT_CATEGORY, category, evaluate_mmlu, format_prompt,
-                          load_questions)
+from fedtune.mmlu import SUBJECT_CATEGORY, category, evaluate_mmlu, format_prompt, load_questions
 
 
 def test_subject_table_is_complete():
     assert len(SUBJECT_CATEGORY) == 57
     assert set(SUBJECT_CATEGORY.values()) == {"STEM", "humanities", "social sciences", "other"}
-    assert Counter(SUBJECT_CATEGORY.values()) == {"STEM": 18, "humanities": 13,
-                                                  "social sciences": 12, "other": 14}
-    spot = {"anatomy": "other", "abstract_algebra": "STEM", "econometrics": "social sciences",
-            "high_school_european_history": "humanities", "professional_law": "humanities",
-            "professional_accounting": "other", "human_sexuality": "social sciences",
-            "formal_logic": "humanities", "machine_learning": "STEM", "virology": "other"}
+    assert Counter(SUBJECT_CATEGORY.values()) == {
+        "STEM": 18,
+        "humanities": 13,
+        "social sciences": 12,
+        "other": 14,
+    }
+    spot = {
+        "anatomy": "other",
+        "abstract_algebra": "STEM",
+        "econometrics": "social sciences",
+        "high_school_european_history": "humanities",
+        "professional_law": "humanities",
+        "professional_accounting": "other",
+        "human_sexuality": "social sciences",
+        "formal_logic": "humanities",
+        "machine_learning": "STEM",
+        "virology": "other",
+    }
     assert {k: SUBJECT_CATEGORY[k] for k in spot} == spot
     assert category("not_a_subject") == "other"
 
@@ -33,18 +44,42 @@ def _write(path, rows):
 
 
 ROWS = [
-    {"question": "2 + 2 = ?", "choices": ["3", "4", "5", "6"], "answer": 1,
-     "subject": "elementary_mathematics"},
-    {"question": "Capital of France?", "choices": ["Rome", "Paris", "Oslo", "Bern"],
-     "answer": 1, "subject": "high_school_geography"},
-    {"question": "Who wrote Hamlet?", "choices": ["Shakespeare", "Dante", "Homer", "Ovid"],
-     "answer": 0, "subject": "high_school_european_history"},
-    {"question": "H2O is?", "choices": ["salt", "water", "air", "gold"], "answer": 1,
-     "subject": "high_school_chemistry"},
-    {"question": "Largest planet?", "choices": ["Mars", "Venus", "Jupiter", "Earth"],
-     "answer": 2, "subject": "astronomy"},
-    {"question": "A bone of the leg?", "choices": ["femur", "ulna", "skull", "rib"],
-     "answer": 0, "subject": "anatomy"},
+    {
+        "question": "2 + 2 = ?",
+        "choices": ["3", "4", "5", "6"],
+        "answer": 1,
+        "subject": "elementary_mathematics",
+    },
+    {
+        "question": "Capital of France?",
+        "choices": ["Rome", "Paris", "Oslo", "Bern"],
+        "answer": 1,
+        "subject": "high_school_geography",
+    },
+    {
+        "question": "Who wrote Hamlet?",
+        "choices": ["Shakespeare", "Dante", "Homer", "Ovid"],
+        "answer": 0,
+        "subject": "high_school_european_history",
+    },
+    {
+        "question": "H2O is?",
+        "choices": ["salt", "water", "air", "gold"],
+        "answer": 1,
+        "subject": "high_school_chemistry",
+    },
+    {
+        "question": "Largest planet?",
+        "choices": ["Mars", "Venus", "Jupiter", "Earth"],
+        "answer": 2,
+        "subject": "astronomy",
+    },
+    {
+        "question": "A bone of the leg?",
+        "choices": ["femur", "ulna", "skull", "rib"],
+        "answer": 0,
+        "subject": "anatomy",
+    },
 ]
 
 
@@ -68,8 +103,11 @@ def test_load_questions_sample_is_seeded(tmp_path):
 
 def test_load_questions_errors_name_the_problem(tmp_path):
     bad = [{"question": "q", "options": ["a", "b"], "label": 0}]
-    with pytest.raises(DataError, match=r"lacks column\(s\) choices, answer; it has: "
-                                        r"question, options, label"):
+    with pytest.raises(
+        DataError,
+        match=r"lacks column\(s\) choices, answer; it has: "
+        r"question, options, label",
+    ):
         load_questions(str(_write(tmp_path / "bad.jsonl", bad)))
     out_of_range = [dict(ROWS[0], answer="E")]
     with pytest.raises(DataError, match="answer 'E' is not one of the 4 choices"):
@@ -79,7 +117,8 @@ def test_load_questions_errors_name_the_problem(tmp_path):
 def test_format_prompt_is_the_standard_zero_shot_prompt():
     assert format_prompt(ROWS[0]) == (
         "The following are multiple choice questions (with answers) about elementary "
-        "mathematics.\n\n2 + 2 = ?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
+        "mathematics.\n\n2 + 2 = ?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:"
+    )
     three = {"question": "Q?", "choices": ["x", "y", "z"], "answer": 0}
     assert format_prompt(three).endswith("Q?\nA. x\nB. y\nC. z\nAnswer:")
 
@@ -114,10 +153,10 @@ def test_letter_mode_with_a_model_that_always_says_b(gpt2):
     assert res["by_subject"]["elementary_mathematics"] == {"accuracy": 1.0, "n": 1}
     assert res["by_subject"]["astronomy"] == {"accuracy": 0.0, "n": 1}
     assert res["by_category"] == {
-        "STEM": {"accuracy": pytest.approx(2 / 3), "n": 3},      # math, chemistry, astronomy
+        "STEM": {"accuracy": pytest.approx(2 / 3), "n": 3},  # math, chemistry, astronomy
         "humanities": {"accuracy": 0.0, "n": 1},
-        "other": {"accuracy": 0.0, "n": 1},                      # anatomy
-        "social sciences": {"accuracy": 1.0, "n": 1},            # geography
+        "other": {"accuracy": 0.0, "n": 1},  # anatomy
+        "social sciences": {"accuracy": 1.0, "n": 1},  # geography
     }
 
 

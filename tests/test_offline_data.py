@@ -16,16 +16,22 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from fedtune import assets, offline_data
-from fedtune import config as C
+from fedtune import assets, config as C, offline_data
 from fedtune.config import DataConfig
 from fedtune.data import load_source
 from fedtune.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-VADER_COUNTS = {("amazon", 0): 1235, ("amazon", 1): 1750, ("movies", 0): 5076,
-                ("movies", 1): 4996, ("nyt", 0): 1783, ("nyt", 1): 1187,
-                ("tweets", 0): 1087, ("tweets", 1): 2345}
+VADER_COUNTS = {
+    ("amazon", 0): 1235,
+    ("amazon", 1): 1750,
+    ("movies", 0): 5076,
+    ("movies", 1): 4996,
+    ("nyt", 0): 1783,
+    ("nyt", 1): 1187,
+    ("tweets", 0): 1087,
+    ("tweets", 1): 2345,
+}
 STDLIB_INSTRUCTION_ROWS = {(3, 11, 7): 2691}  # depends on the interpreter's own stdlib
 
 
@@ -61,8 +67,10 @@ def test_every_offline_dataset_has_a_one_line_description():
 
 
 def test_vader_labels_from_a_hand_written_tsv():
-    tsv = ("a\t0.5\tgood &amp;amp; fun\r\nb\t-0.4\tmeh\r\nc\t-0.5\tbad\r\n"
-           "d\t0.49\tfine\r\ne\t3.1\t great \r\n")
+    tsv = (
+        "a\t0.5\tgood &amp;amp; fun\r\nb\t-0.4\tmeh\r\nc\t-0.5\tbad\r\n"
+        "d\t0.49\tfine\r\ne\t3.1\t great \r\n"
+    )
     rows = offline_data.parse_vader_tsv(tsv, "tweets")
     assert rows == [
         {"text": "good & fun", "label": 1, "score": 0.5, "domain": "tweets", "id": "a"},
@@ -97,12 +105,16 @@ def test_parse_cot_prompt_on_hand_written_text():
         "Q: One line?\n(A) 1 (B) 2 (C) f(3) (D) 4\nA: Let's think. The answer is (C).\n\n"
         "Q: Two\nlines?\n(A) a\n(B) b\n  b2\n(C) c\n(D) d\nA: The answer is (A).\n\n"
         "Q: Five?\n(A) 1 (B) 2 (C) 3 (D) 4 (E) 5\nA: The answer is (E).\n\n"
-        "Q: No answer?\n(A) 1 (B) 2 (C) 3 (D) 4\nA: Hmm.\n\n")
+        "Q: No answer?\n(A) 1 (B) 2 (C) 3 (D) 4\nA: Hmm.\n\n"
+    )
     assert offline_data.parse_cot_prompt(prompt, "x") == [
-        {"question": "One line?", "choices": ["1", "2", "f(3)", "4"], "answer": 2,
-         "subject": "x"},
-        {"question": "Two\nlines?", "choices": ["a", "b\n  b2", "c", "d"], "answer": 0,
-         "subject": "x"},
+        {"question": "One line?", "choices": ["1", "2", "f(3)", "4"], "answer": 2, "subject": "x"},
+        {
+            "question": "Two\nlines?",
+            "choices": ["a", "b\n  b2", "c", "d"],
+            "answer": 0,
+            "subject": "x",
+        },
     ]
 
 
@@ -140,8 +152,12 @@ def test_stdlib_instructions(instructions):
         assert not r["module"].startswith("_") and "/" not in r["module"]
     modules = collections.Counter(r["module"] for r in instructions)
     assert {"email", "asyncio", "json"} <= set(modules)
-    raw = next(r for r in instructions if r["instruction"] == "Write the Python method "
-               "`raw_decode(self, s, idx=0)` of class `JSONDecoder` described below.")
+    raw = next(
+        r
+        for r in instructions
+        if r["instruction"] == "Write the Python method "
+        "`raw_decode(self, s, idx=0)` of class `JSONDecoder` described below."
+    )
     assert raw["module"] == "json" and raw["input"].startswith("Decode a JSON document from")
     assert raw["output"].startswith("def raw_decode(self, s, idx=0):\n    try:\n")
     assert "Decode a JSON document" not in raw["output"]
@@ -172,19 +188,24 @@ def _private(x):
     path = tmp_path / "geometry" / "box.py"
     path.write_text(source)
     rows = offline_data.stdlib_instruction_rows([(Path("geometry/box.py"), path)])
-    assert rows == [{
-        "instruction": "Write the Python method `area(self, scale: int=2)` of class `Box` "
-                       "described below.",
-        "input": "Return the area of the box, multiplied by scale, cached forever.",
-        "output": "@functools.cache\ndef area(self, scale: int = 2) -> int:\n"
-                  "    return self.width * self.height * scale  # more than sixty characters\n",
-        "module": "geometry"}]
+    assert rows == [
+        {
+            "instruction": "Write the Python method `area(self, scale: int=2)` of class `Box` "
+            "described below.",
+            "input": "Return the area of the box, multiplied by scale, cached forever.",
+            "output": "@functools.cache\ndef area(self, scale: int = 2) -> int:\n"
+            "    return self.width * self.height * scale  # more than sixty characters\n",
+            "module": "geometry",
+        }
+    ]
 
 
 def test_missing_download_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
-    for name, file in [("offline:vader-movies", "vaderSentiment-3.3.2.tar.gz"),
-                       ("offline:mmlu-cot", "lm_eval-0.4.13-py3-none-any.whl")]:
+    for name, file in [
+        ("offline:vader-movies", "vaderSentiment-3.3.2.tar.gz"),
+        ("offline:mmlu-cot", "lm_eval-0.4.13-py3-none-any.whl"),
+    ]:
         with pytest.raises(DataError) as err:
             assets.load_offline_texts(name)
         msg = str(err.value)

@@ -11,7 +11,8 @@ from statistics import mean
 import pytest
 from datasets import Dataset
 
-from fedtune import config as C, data, partition as P, report as R
+from fedtune import config as C, data, partition as P
+from fedtune.report import plots as RP
 from fedtune.results import partition_report
 
 DOMAINS = ["code", "news", "web", "wiki"]
@@ -21,8 +22,12 @@ NAMES = ["world", "sports", "business", "sci/tech"]
 @pytest.fixture(scope="module")
 def pool() -> Dataset:
     """2000 rows, 4 balanced labels, a `domain` column with 4 values (independent of label)."""
-    return Dataset.from_list([{"id": i, "text": f"row {i}", "label": i % 4,
-                               "domain": DOMAINS[(i * 7 // 3) % 4]} for i in range(2000)])
+    return Dataset.from_list(
+        [
+            {"id": i, "text": f"row {i}", "label": i % 4, "domain": DOMAINS[(i * 7 // 3) % 4]}
+            for i in range(2000)
+        ]
+    )
 
 
 def dcfg(*overrides) -> C.DataConfig:
@@ -55,15 +60,16 @@ def test_iid_partitions_are_disjoint_and_cover_the_pool(pool):
 
 def test_dirichlet_small_alpha_is_skewed_and_large_alpha_is_near_uniform(pool):
     def share(alpha):
-        cfg = dcfg("data.partitioner=dirichlet", f"data.dirichlet_alpha={alpha}",
-                   "data.partition_by=label")
-        return mean(top_share(P.make_partitions(pool, cfg, 10, seed=s, column="label"))
-                    for s in range(3))
+        cfg = dcfg(
+            "data.partitioner=dirichlet", f"data.dirichlet_alpha={alpha}", "data.partition_by=label"
+        )
+        return mean(
+            top_share(P.make_partitions(pool, cfg, 10, seed=s, column="label")) for s in range(3)
+        )
 
     assert share(0.1) > 0.7
     assert share(100) < 0.4
-    cfg = dcfg("data.partitioner=dirichlet", "data.dirichlet_alpha=0.1",
-               "data.partition_by=label")
+    cfg = dcfg("data.partitioner=dirichlet", "data.dirichlet_alpha=0.1", "data.partition_by=label")
     flat = [i for p in ids(P.make_partitions(pool, cfg, 10, 0, "label")) for i in p]
     assert len(flat) == len(set(flat)) == len(pool)  # skewed, yet still a partition
 
@@ -94,8 +100,9 @@ for kind in ("dirichlet", "shards"):
 print(json.dumps(out))
 """
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     theirs = json.loads(run.stdout.strip().splitlines()[-1])
     for kind in ("dirichlet", "shards"):
@@ -117,8 +124,11 @@ def test_natural_gives_one_group_per_client_and_says_when_counts_differ(pool):
     parts = P.make_partitions(pool, cfg, 4, seed=0, column="domain")
     assert [sorted(set(p["domain"])) for p in parts] == [[d] for d in DOMAINS]
     assert sum(map(len, parts)) == len(pool)
-    with pytest.raises(data.DataError, match=r"has 4 \('code', 'news', 'web', 'wiki'\) but "
-                                             r"`federation.num_clients` = 3; set num_clients = 4"):
+    with pytest.raises(
+        data.DataError,
+        match=r"has 4 \('code', 'news', 'web', 'wiki'\) but "
+        r"`federation.num_clients` = 3; set num_clients = 4",
+    ):
         P.make_partitions(pool, cfg, 3, seed=0, column="domain")
 
 
@@ -132,17 +142,28 @@ def test_missing_column_names_the_columns_the_data_has(pool):
 
 def test_an_empty_client_is_an_error_at_start(pool):
     # min_partition_size = 0 lets a very skewed Dirichlet draw leave clients with nothing.
-    cfg = dcfg("data.partitioner=dirichlet", "data.dirichlet_alpha=0.01",
-               "data.min_partition_size=0", "data.partition_by=label")
+    cfg = dcfg(
+        "data.partitioner=dirichlet",
+        "data.dirichlet_alpha=0.01",
+        "data.min_partition_size=0",
+        "data.partition_by=label",
+    )
     with pytest.raises(data.DataError, match=r"client \d+ has an empty partition"):
         P.make_partitions(pool, cfg, 50, seed=0, column="label")
 
 
 def test_unreachable_min_partition_size_is_a_clear_error(pool):
-    cfg = dcfg("data.partitioner=dirichlet", "data.dirichlet_alpha=0.01",
-               "data.min_partition_size=20", "data.partition_by=label")
-    with pytest.raises(data.DataError, match=r"alpha=0.01 .* of the 30 clients .*raise "
-                                             r"`data.dirichlet_alpha`"):
+    cfg = dcfg(
+        "data.partitioner=dirichlet",
+        "data.dirichlet_alpha=0.01",
+        "data.min_partition_size=20",
+        "data.partition_by=label",
+    )
+    with pytest.raises(
+        data.DataError,
+        match=r"alpha=0.01 .* of the 30 clients .*raise "
+        r"`data.dirichlet_alpha`",
+    ):
         P.make_partitions(pool, cfg, 30, seed=0, column="label")
 
 
@@ -160,8 +181,7 @@ def test_histogram_uses_label_names_in_label_order(pool):
 
 
 def test_partition_report_and_its_plot(pool, tmp_path):
-    cfg = dcfg("data.partitioner=dirichlet", "data.dirichlet_alpha=0.1",
-               "data.partition_by=label")
+    cfg = dcfg("data.partitioner=dirichlet", "data.dirichlet_alpha=0.1", "data.partition_by=label")
     parts = P.make_partitions(pool, cfg, 6, seed=0, column="label")
     rep = json.loads(json.dumps(partition_report(parts, "label", NAMES, P.describe(cfg))))
     assert rep["partitioner"] == "dirichlet, alpha=0.1" and rep["column"] == "label"
@@ -172,12 +192,18 @@ def test_partition_report_and_its_plot(pool, tmp_path):
     plain = partition_report(parts)
     assert plain["column"] is None and all(c["histogram"] == {} for c in plain["clients"])
     for name, report in (("labelled.png", rep), ("plain.png", plain)):
-        path = R._plot_partitions(report, tmp_path / name)
+        path = RP._plot_partitions(report, tmp_path / name)
         assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_plot_folds_many_groups_into_other(tmp_path):
-    clients = [{"client": i, "num_examples": 60,
-                "histogram": {f"g{j:02d}": 1 + (i * j) % 5 for j in range(15)}} for i in range(4)]
-    path = R._plot_partitions({"column": "topic", "clients": clients}, tmp_path / "p.png")
+    clients = [
+        {
+            "client": i,
+            "num_examples": 60,
+            "histogram": {f"g{j:02d}": 1 + (i * j) % 5 for j in range(15)},
+        }
+        for i in range(4)
+    ]
+    path = RP._plot_partitions({"column": "topic", "clients": clients}, tmp_path / "p.png")
     assert path.stat().st_size > 0

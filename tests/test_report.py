@@ -28,25 +28,58 @@ rounds = 5
 EVAL_LOSSES = [3.0, 2.6, 2.31, 2.4, 2.35, 2.38]  # best is round 2, not the last one
 
 
-def make_run(root, name, losses=EVAL_LOSSES, *, task=False, partitions=False,
-             summary=True, model="tiny", null_train=(), command=None):
+def make_run(
+    root,
+    name,
+    losses=EVAL_LOSSES,
+    *,
+    task=False,
+    partitions=False,
+    summary=True,
+    model="tiny",
+    null_train=(),
+    command=None,
+):
     """A run folder as fedtune writes it, with plausible numbers that differ per round."""
     d = root / name
     d.mkdir(parents=True)
-    rows = [{"round": 0, "eval_loss": losses[0], "eval_ppl": math.exp(losses[0]),
-             "eval_seconds": 5.0, "server_peak_rss_mb": 1700.0}]
+    rows = [
+        {
+            "round": 0,
+            "eval_loss": losses[0],
+            "eval_ppl": math.exp(losses[0]),
+            "eval_seconds": 5.0,
+            "server_peak_rss_mb": 1700.0,
+        }
+    ]
     for r, loss in enumerate(losses[1:], start=1):
-        rows.append({
-            "round": r, "lr": 1e-3 / r, "eval_loss": loss, "eval_ppl": math.exp(loss),
-            "eval_seconds": 5.0 + r / 10, "train_loss": None if r in null_train else loss - 0.2,
-            "clients_sampled": 3, "clients_ok": 3 - (r in null_train),
-            "clients_failed": int(r in null_train), "train_samples": 96, "train_tokens": 12288,
-            "samples_per_s": 4.0 + r, "tokens_per_s": 500.0 + 10 * r,
-            "client_train_seconds_max": 20.0 - r, "client_train_seconds_sum": 50.0,
-            "client_setup_seconds_max": 1.0, "client_model_loads": 3,
-            "bytes_down": 11202240 + 1000 * r, "bytes_up": 5601120 + 7 * r,
-            "train_phase_seconds": 40.0 - r, "round_seconds": 45.0 - r,
-            "server_peak_rss_mb": 1750.0 + r, "client_peak_rss_mb": 2600.0 + r})
+        rows.append(
+            {
+                "round": r,
+                "lr": 1e-3 / r,
+                "eval_loss": loss,
+                "eval_ppl": math.exp(loss),
+                "eval_seconds": 5.0 + r / 10,
+                "train_loss": None if r in null_train else loss - 0.2,
+                "clients_sampled": 3,
+                "clients_ok": 3 - (r in null_train),
+                "clients_failed": int(r in null_train),
+                "train_samples": 96,
+                "train_tokens": 12288,
+                "samples_per_s": 4.0 + r,
+                "tokens_per_s": 500.0 + 10 * r,
+                "client_train_seconds_max": 20.0 - r,
+                "client_train_seconds_sum": 50.0,
+                "client_setup_seconds_max": 1.0,
+                "client_model_loads": 3,
+                "bytes_down": 11202240 + 1000 * r,
+                "bytes_up": 5601120 + 7 * r,
+                "train_phase_seconds": 40.0 - r,
+                "round_seconds": 45.0 - r,
+                "server_peak_rss_mb": 1750.0 + r,
+                "client_peak_rss_mb": 2600.0 + r,
+            }
+        )
         if task:
             rows[-1]["eval_accuracy"] = 0.5 + r / 20
     if task:
@@ -55,20 +88,45 @@ def make_run(root, name, losses=EVAL_LOSSES, *, task=False, partitions=False,
     (d / "config.toml").write_text(CONFIG)
     if partitions:
         hist = [{"a": 30, "b": 5}, {"a": 10, "b": 40}, {"a": 1, "b": 1}]
-        (d / "partitions.json").write_text(json.dumps({"clients": [
-            {"client": i, "num_examples": sum(h.values()), "histogram": h}
-            for i, h in enumerate(hist)]}))
+        (d / "partitions.json").write_text(
+            json.dumps(
+                {
+                    "clients": [
+                        {"client": i, "num_examples": sum(h.values()), "histogram": h}
+                        for i, h in enumerate(hist)
+                    ]
+                }
+            )
+        )
     if summary:
         best = min(rows, key=lambda r: r["eval_loss"])
-        manifest = {"python": "3.11.7", "packages": {"torch": "2.13.0", "flwr": "1.41.0"},
-                    "seed": 0, "git_commit": "abc123"}
-        (d / "summary.json").write_text(json.dumps({
-            "rounds_completed": len(rows) - 1, "best_round": best["round"],
-            "best_eval_loss": best["eval_loss"], "initial": rows[0], "final": rows[-1],
-            "total_wall_seconds": 250.5, "model": model, "finetune": "lora",
-            "strategy": "fedavg", "trainable_parameters": 921600, "client_failures": 0,
-            "fedtune_version": "0.1.0", "config_hash": "0123456789ab",
-            "manifest": manifest, **({"command": command} if command else {})}))
+        manifest = {
+            "python": "3.11.7",
+            "packages": {"torch": "2.13.0", "flwr": "1.41.0"},
+            "seed": 0,
+            "git_commit": "abc123",
+        }
+        (d / "summary.json").write_text(
+            json.dumps(
+                {
+                    "rounds_completed": len(rows) - 1,
+                    "best_round": best["round"],
+                    "best_eval_loss": best["eval_loss"],
+                    "initial": rows[0],
+                    "final": rows[-1],
+                    "total_wall_seconds": 250.5,
+                    "model": model,
+                    "finetune": "lora",
+                    "strategy": "fedavg",
+                    "trainable_parameters": 921600,
+                    "client_failures": 0,
+                    "fedtune_version": "0.1.0",
+                    "config_hash": "0123456789ab",
+                    "manifest": manifest,
+                    **({"command": command} if command else {}),
+                }
+            )
+        )
     return d, rows
 
 
@@ -88,16 +146,21 @@ def assert_png(path, min_kb=5):
 
 def test_import_does_not_load_matplotlib():
     code = "import sys, fedtune.report; print('matplotlib' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_write_plots_full_run(tmp_path):
     d, _ = make_run(tmp_path, "run", task=True, partitions=True)
     paths = R.write_plots(d)
-    assert [p.name for p in paths] == ["loss.png", "task_metrics.png", "time.png",
-                                       "communication.png", "memory.png", "partitions.png"]
+    assert [p.name for p in paths] == [
+        "loss.png",
+        "task_metrics.png",
+        "time.png",
+        "communication.png",
+        "memory.png",
+        "partitions.png",
+    ]
     for p in paths:
         assert p.parent == d / "plots"
         assert_png(p)
@@ -113,21 +176,25 @@ def test_optional_plots_only_when_data(tmp_path):
     assert {p.name for p in (d / "plots").iterdir()} == names
 
 
-@pytest.mark.parametrize("lines", [
-    [],                                                      # run just started
-    [{"round": 0, "eval_loss": 3.0, "eval_ppl": 20.1}],      # round 0 only
-    [{"round": 0}, {"round": 1, "train_loss": None, "eval_loss": float("nan")}],
-    [{"round": 0, "eval_loss": 3.0}, {"round": 1, "train_loss": None, "eval_loss": 2.9,
-                                      "bytes_down": 10, "bytes_up": None}],
-])
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [],  # run just started
+        [{"round": 0, "eval_loss": 3.0, "eval_ppl": 20.1}],  # round 0 only
+        [{"round": 0}, {"round": 1, "train_loss": None, "eval_loss": float("nan")}],
+        [
+            {"round": 0, "eval_loss": 3.0},
+            {"round": 1, "train_loss": None, "eval_loss": 2.9, "bytes_down": 10, "bytes_up": None},
+        ],
+    ],
+)
 def test_write_plots_never_raises_on_partial_data(tmp_path, lines):
     d = tmp_path / "run"
     d.mkdir()
     text = "".join(json.dumps(r) + "\n" for r in lines) + '{"round": 2, "eval_lo'  # torn line
     (d / "metrics.jsonl").write_text(text)
     paths = R.write_plots(d)
-    assert {p.name for p in paths} >= {"loss.png", "time.png", "communication.png",
-                                       "memory.png"}
+    assert {p.name for p in paths} >= {"loss.png", "time.png", "communication.png", "memory.png"}
     for p in paths:
         assert_png(p, min_kb=1)
     md, html = R.write_report(d)
@@ -167,7 +234,8 @@ def test_report_totals_best_round_and_environment(tmp_path):
     mib_down = sum(r.get("bytes_down", 0) for r in rows) / 2**20
     mib_up = sum(r.get("bytes_up", 0) for r in rows) / 2**20
     assert totals["MiB down / up / total"] == (
-        f"{mib_down:.2f} / {mib_up:.2f} / {mib_down + mib_up:.2f}")
+        f"{mib_down:.2f} / {mib_up:.2f} / {mib_down + mib_up:.2f}"
+    )
     assert totals["tokens/s (mean over rounds)"] == "530.0"  # mean of 510..550
     assert totals["rounds completed"] == "5" and totals["status"] == "finished"
     text = md.read_text()
@@ -180,8 +248,14 @@ def test_report_totals_best_round_and_environment(tmp_path):
 
 def test_html_is_self_contained_and_escaped(tmp_path):
     evil = '<script>alert("x")</script>'
-    d, _ = make_run(tmp_path, "run", task=True, partitions=True, model=evil,
-                    command="fedtune run r.toml && echo '<b>'")
+    d, _ = make_run(
+        tmp_path,
+        "run",
+        task=True,
+        partitions=True,
+        model=evil,
+        command="fedtune run r.toml && echo '<b>'",
+    )
     md, html = R.write_report(d)
     page = html.read_text()
     assert page.count("data:image/png;base64,") == 6
@@ -190,8 +264,11 @@ def test_html_is_self_contained_and_escaped(tmp_path):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
     assert "<link" not in page and "@import" not in page
     parts = md_table(md.read_text(), "Partitions")
-    assert parts[1:] == [["0", "35", "a: 30, b: 5"], ["1", "50", "a: 10, b: 40"],
-                         ["2", "2", "a: 1, b: 1"]]
+    assert parts[1:] == [
+        ["0", "35", "a: 30, b: 5"],
+        ["1", "50", "a: 10, b: 40"],
+        ["2", "2", "a: 1, b: 1"],
+    ]
 
 
 def test_report_without_summary_gathers_environment(tmp_path):
@@ -211,8 +288,7 @@ def test_comparison_lists_every_run(tmp_path):
     c, _ = make_run(tmp_path / "other", "a", losses=[3.0], summary=False)  # same name as a
     md, html = R.write_comparison([a, b, c], tmp_path / "cmp")
     table = md_table(md.read_text(), "Runs")
-    assert table[0][:6] == ["run", "model", "strategy", "rounds", "best round",
-                            "best eval loss"]
+    assert table[0][:6] == ["run", "model", "strategy", "rounds", "best round", "best eval loss"]
     rows = {r[0]: r for r in table[1:]}
     assert set(rows) == {f"{tmp_path.name}/a", "b", "other/a"}
     assert all(len(r) == len(table[0]) for r in table)
@@ -231,8 +307,10 @@ def test_fedtune_report_writes_one_report_or_a_comparison(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(a / "report.md"), str(a / "report.html")]
     assert cli.main(["report", str(a), str(b)]) == 0
     out_dir = tmp_path / "compare-a-vs-b"
-    assert capsys.readouterr().out.split() == [str(out_dir / "report.md"),
-                                               str(out_dir / "report.html")]
+    assert capsys.readouterr().out.split() == [
+        str(out_dir / "report.md"),
+        str(out_dir / "report.html"),
+    ]
     empty = tmp_path / "not-a-run"
     empty.mkdir()
     assert cli.main(["report", str(a), str(empty)]) == 2
@@ -241,8 +319,12 @@ def test_fedtune_report_writes_one_report_or_a_comparison(tmp_path, capsys):
 
 
 def test_load_rows_sorted_last_wins_torn_line_skipped(tmp_path):
-    lines = [{"round": 0, "eval_loss": 3.0}, {"round": 2, "eval_loss": 2.0},
-             {"round": 1, "eval_loss": 9.0}, {"round": 1.0, "eval_loss": 2.5}]
+    lines = [
+        {"round": 0, "eval_loss": 3.0},
+        {"round": 2, "eval_loss": 2.0},
+        {"round": 1, "eval_loss": 9.0},
+        {"round": 1.0, "eval_loss": 2.5},
+    ]
     text = "".join(json.dumps(r) + "\n" for r in lines) + "\n[1, 2]\n" + '{"round": 3, "ev'
     (tmp_path / "metrics.jsonl").write_text(text)
     rows = R.load_rows(tmp_path)

@@ -45,8 +45,8 @@ class SuccessorModel(torch.nn.Module):
         return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, V).float() * BIG)
 
 
-HIT = BIG - math.log(math.exp(BIG) + V - 1)   # log p of the forced token
-MISS = -math.log(math.exp(BIG) + V - 1)       # log p of any other token
+HIT = BIG - math.log(math.exp(BIG) + V - 1)  # log p of the forced token
+MISS = -math.log(math.exp(BIG) + V - 1)  # log p of any other token
 
 
 def test_encoding_rule():
@@ -61,8 +61,11 @@ def test_forced_model_multi_token_candidates_of_different_lengths():
     prompts = ["ab", "wxyz0", "k"]
     cands = [["cde", "x", "cx", "dc", ""], ["12", "1", "a"], ["lmnop", "lmnoq"]]
     got = score_candidates(model, CharTokenizer(), prompts, cands, batch_size=2)
-    want = [[3 * HIT, MISS, HIT + MISS, 2 * MISS, 0.0], [2 * HIT, HIT, MISS],
-            [5 * HIT, 4 * HIT + MISS]]
+    want = [
+        [3 * HIT, MISS, HIT + MISS, 2 * MISS, 0.0],
+        [2 * HIT, HIT, MISS],
+        [5 * HIT, 4 * HIT + MISS],
+    ]
     for g, w in zip(got, want):
         assert g == pytest.approx(w, abs=1e-5)
     assert choose(got) == [4, 1, 0]  # the empty candidate (log 1) beats the rest
@@ -70,20 +73,25 @@ def test_forced_model_multi_token_candidates_of_different_lengths():
 
 
 def test_forced_model_add_eos_scores_the_eos_token():
-    got = score_candidates(SuccessorModel(), CharTokenizer(), ["ab"], [["c", "x"]],
-                           add_eos=True)
+    got = score_candidates(SuccessorModel(), CharTokenizer(), ["ab"], [["c", "x"]], add_eos=True)
     assert got[0] == pytest.approx([HIT + MISS, 2 * MISS], abs=1e-5)
 
 
 def test_forced_model_single_tokens_take_the_fast_path():
     model = SuccessorModel()
     prompts = ["ab", "hello", "q", "xy"]
-    got = score_candidates(model, CharTokenizer(bos=1), prompts,
-                           [["c", "d", "b"], ["p", "m"], ["r", "s"], ["z", "y"]],
-                           batch_size=3)
+    got = score_candidates(
+        model,
+        CharTokenizer(bos=1),
+        prompts,
+        [["c", "d", "b"], ["p", "m"], ["r", "s"], ["z", "y"]],
+        batch_size=3,
+    )
     assert model.calls == 2  # one pass per prompt, in batches of 3
-    assert got == [pytest.approx(v, abs=1e-5) for v in
-                   ([HIT, MISS, MISS], [HIT, MISS], [HIT, MISS], [HIT, MISS])]
+    assert got == [
+        pytest.approx(v, abs=1e-5)
+        for v in ([HIT, MISS, MISS], [HIT, MISS], [HIT, MISS], [HIT, MISS])
+    ]
     assert choose(got) == [0, 0, 0, 0]
 
 
@@ -107,17 +115,25 @@ def _alone(model, tok, prompt, cand):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0]
     logp = logits[:-1].log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    return logp[len(p) - 1:].sum().item()
+    return logp[len(p) - 1 :].sum().item()
 
 
-PROMPTS = ["Question: is the sky blue?\nAnswer:", "Hi", "def f(x):\n    return x +",
-           "One two three four five six seven eight nine ten eleven"]
+PROMPTS = [
+    "Question: is the sky blue?\nAnswer:",
+    "Hi",
+    "def f(x):\n    return x +",
+    "One two three four five six seven eight nine ten eleven",
+]
 
 
 def test_padding_invariance_generic_path(tiny):
     model, tok = tiny
-    cands = [[" yes", " no, it is green today"], [" there", " you"], [" 1", " y * 2"],
-             [" twelve", " thirteen fourteen"]]
+    cands = [
+        [" yes", " no, it is green today"],
+        [" there", " you"],
+        [" 1", " y * 2"],
+        [" twelve", " thirteen fourteen"],
+    ]
     got = score_candidates(model, tok, PROMPTS, cands, batch_size=3)
     for prompt, cs, row in zip(PROMPTS, cands, got):
         assert row == pytest.approx([_alone(model, tok, prompt, c) for c in cs], abs=1e-4)

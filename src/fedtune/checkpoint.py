@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fedtune.errors import ConfigError, ModelError
-from fedtune.results import atomic_write_json
+from fedtune.files import atomic_folder, atomic_write_json
 
 STRATEGY_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")  # Flower's strategies
 
@@ -30,17 +30,11 @@ def _dir(run_dir: Path) -> Path:
 
 
 def _write_folder(target: Path, model, tokenizer, server_state: dict | None) -> None:
-    tmp = target.parent / f".tmp-{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if server_state is not None:
-        torch.save(server_state, tmp / "server_state.pt")
-    old = target.parent / f".old-{target.name}"
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if server_state is not None:
+            torch.save(server_state, tmp / "server_state.pt")
 
 
 def _round_of(folder: Path) -> int | None:
@@ -59,8 +53,9 @@ def save_round(run_dir, rnd: int, model, tokenizer, server_state: dict, keep_las
     target = root / f"round-{rnd:04d}"
     _write_folder(target, model, tokenizer, server_state)
     atomic_write_json(root / "latest.json", {"round": rnd, "path": target.name})
-    saved = sorted((r, p) for p in root.glob("round-*")
-                   if p.is_dir() and (r := _round_of(p)) is not None)
+    saved = sorted(
+        (r, p) for p in root.glob("round-*") if p.is_dir() and (r := _round_of(p)) is not None
+    )
     kept = [r for r, _ in saved if r <= rnd][-keep_last:]
     for r, folder in saved:
         if r != rnd and r not in kept:
@@ -84,8 +79,9 @@ def latest(run_dir) -> tuple[int, Path] | None:
     info = json.loads(pointer.read_text())
     folder = _dir(run_dir) / info["path"]
     if not (folder / "server_state.pt").is_file():
-        raise ConfigError([f"{pointer} names {folder}, which holds no checkpoint: cannot "
-                           "resume from it"])
+        raise ConfigError(
+            [f"{pointer} names {folder}, which holds no checkpoint: cannot resume from it"]
+        )
     return int(info["round"]), folder
 
 
@@ -126,8 +122,9 @@ def restore_strategy(strategy, state: dict) -> None:
         if not hasattr(strategy, name):
             continue
         if isinstance(value, dict) and "__arrayrecord__" in value:
-            value = ArrayRecord({k: Array(np.asarray(a)) for k, a in
-                                 value["__arrayrecord__"].items()})
+            value = ArrayRecord(
+                {k: Array(np.asarray(a)) for k, a in value["__arrayrecord__"].items()}
+            )
         setattr(strategy, name, value)
 
 
@@ -136,17 +133,30 @@ def check_resumable(run_dir, cfg) -> tuple[int, Path]:
     ConfigError before anything starts: no checkpoint, or a recipe that changed since."""
     found = latest(run_dir)
     if found is None:
-        raise ConfigError([f"nothing to resume in {run_dir}: it has no checkpoints/latest.json "
-                           "(a run checkpoints when `output.save_every` > 0)"])
+        raise ConfigError(
+            [
+                f"nothing to resume in {run_dir}: it has no checkpoints/latest.json "
+                "(a run checkpoints when `output.save_every` > 0)"
+            ]
+        )
     rnd, folder = found
     saved, now = load_server_state(folder)["config"], cfg.to_dict()
     free = {"output": None, "federation": ("rounds",)}  # may change on resume
-    changed = [f"{s}.{k}" for s in saved for k in saved[s]
-               if not (s in free and (free[s] is None or k in free[s]))
-               and saved[s][k] != now.get(s, {}).get(k)]
+    changed = [
+        f"{s}.{k}"
+        for s in saved
+        for k in saved[s]
+        if not (s in free and (free[s] is None or k in free[s]))
+        and saved[s][k] != now.get(s, {}).get(k)
+    ]
     if changed:
-        raise ConfigError([f"cannot resume with a changed `{k}` (checkpoint has "
-                           f"{saved[k.split('.')[0]][k.split('.')[1]]!r})" for k in changed])
+        raise ConfigError(
+            [
+                f"cannot resume with a changed `{k}` (checkpoint has "
+                f"{saved[k.split('.')[0]][k.split('.')[1]]!r})"
+                for k in changed
+            ]
+        )
     return rnd, folder
 
 

@@ -19,10 +19,16 @@ def _load(args):
         # a run folder's config.toml is a complete recipe; overrides may extend the rounds
         run_dir = Path(args.resume).expanduser()
         if not (run_dir / "config.toml").is_file():
-            raise C.ConfigError([f"--resume {run_dir}: not a fedtune run folder (no "
-                                 "config.toml there); give the folder a run wrote"])
-        cfg = C.load(run_dir / "config.toml", [*args.set, "output.resume=true",
-                                                f"output.dir={run_dir.absolute()}"])
+            raise C.ConfigError(
+                [
+                    f"--resume {run_dir}: not a fedtune run folder (no "
+                    "config.toml there); give the folder a run wrote"
+                ]
+            )
+        cfg = C.load(
+            run_dir / "config.toml",
+            [*args.set, "output.resume=true", f"output.dir={run_dir.absolute()}"],
+        )
         from fedtune.checkpoint import check_resumable
 
         check_resumable(run_dir, cfg)  # no checkpoint, or a changed recipe: stop here
@@ -31,8 +37,7 @@ def _load(args):
         raise C.ConfigError(["give a recipe (fedtune run RECIPE.toml) or --resume RUN_DIR"])
     cfg = C.load(args.recipe, args.set)
     out = Path(cfg.output.dir).expanduser()
-    cfg.output.dir = str(out.absolute())  # every process writes to the same place
-    return cfg
+    return C.updated(cfg, "output", dir=str(out.absolute()))  # every process writes there
 
 
 def _preflight(cfg, strict: bool = True) -> None:
@@ -52,9 +57,12 @@ def _preflight(cfg, strict: bool = True) -> None:
 def cmd_run(args) -> int:
     cfg = _load(args)
     _preflight(cfg)
-    print(f"[fedtune] {args.recipe or args.resume}: {cfg.federation.num_clients} clients, "
-          f"{cfg.federation.rounds} rounds, {cfg.model.finetune} fine-tuning of "
-          f"{cfg.model.name} on {cfg.data.source} -> {cfg.output.dir}", flush=True)
+    print(
+        f"[fedtune] {args.recipe or args.resume}: {cfg.federation.num_clients} clients, "
+        f"{cfg.federation.rounds} rounds, {cfg.model.finetune} fine-tuning of "
+        f"{cfg.model.name} on {cfg.data.source} -> {cfg.output.dir}",
+        flush=True,
+    )
     if args.engine == "inprocess":
         from fedtune.inprocess import run_inprocess
 
@@ -63,21 +71,38 @@ def cmd_run(args) -> int:
         from fedtune.simulation import run_simulation
 
         summary = run_simulation(cfg)
-    keys = ("rounds_completed", "best_metric", "best_round", "best_value", "total_wall_seconds",
-            "total_bytes_down", "total_bytes_up", "final_model")
-    print(json.dumps({k: summary.get(k) for k in keys} | {
-        "initial_eval_loss": summary["initial"]["eval_loss"],
-        "final_eval_loss": summary["final"]["eval_loss"],
-        "run_dir": cfg.output.dir}, indent=2))
+    keys = (
+        "rounds_completed",
+        "best_metric",
+        "best_round",
+        "best_value",
+        "total_wall_seconds",
+        "total_bytes_down",
+        "total_bytes_up",
+        "final_model",
+    )
+    print(
+        json.dumps(
+            {k: summary.get(k) for k in keys}
+            | {
+                "initial_eval_loss": summary["initial"]["eval_loss"],
+                "final_eval_loss": summary["final"]["eval_loss"],
+                "run_dir": cfg.output.dir,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def cmd_validate(args) -> int:
     cfg = _load(args)
     _preflight(cfg, strict=False)  # a hub that cannot be reached is a warning here
-    print(f"{args.recipe}: OK (config hash {cfg.hash()}; {cfg.federation.num_clients} "
-          f"clients, {cfg.federation.rounds} rounds, strategy {cfg.strategy.name}, "
-          f"task {cfg.task.type}, {cfg.model.finetune} on {cfg.model.name})")
+    print(
+        f"{args.recipe}: OK (config hash {cfg.hash()}; {cfg.federation.num_clients} "
+        f"clients, {cfg.federation.rounds} rounds, strategy {cfg.strategy.name}, "
+        f"task {cfg.task.type}, {cfg.model.finetune} on {cfg.model.name})"
+    )
     return 0
 
 
@@ -87,35 +112,41 @@ def cmd_deploy(args) -> int:
     _preflight(cfg)
     from fedtune.deploy import deploy_local
 
-    summary = deploy_local(cfg, tls=args.tls or args.auth, auth=args.auth,
-                           timeout=args.timeout, echo=lambda s: print(f"[fedtune] {s}",
-                                                                      flush=True))
-    print(json.dumps({"rounds_completed": summary["rounds_completed"],
-                      "initial_eval_loss": summary["initial"]["eval_loss"],
-                      "final_eval_loss": summary["final"]["eval_loss"],
-                      "run_dir": cfg.output.dir}, indent=2))
+    summary = deploy_local(cfg, tls=args.tls or args.auth, auth=args.auth, timeout=args.timeout)
+    print(
+        json.dumps(
+            {
+                "rounds_completed": summary["rounds_completed"],
+                "initial_eval_loss": summary["initial"]["eval_loss"],
+                "final_eval_loss": summary["final"]["eval_loss"],
+                "run_dir": cfg.output.dir,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def cmd_report(args) -> int:
     """One run folder -> its report; a `fedtune compare` folder -> its comparison again;
     several run folders -> one comparison of them."""
+    from fedtune import report
     from fedtune.errors import ConfigError
 
     dirs = [Path(p) for p in args.runs]
     if len(dirs) == 1 and (dirs[0] / "comparison.json").is_file():
-        from fedtune.compare import rewrite
-
-        written = rewrite(dirs[0])
+        written = report.rewrite_study(dirs[0])
     else:
-        from fedtune import report
-
         missing = [str(d) for d in dirs if not (d / "metrics.jsonl").is_file()]
         if missing:
-            raise ConfigError([f"not a fedtune run folder (no metrics.jsonl): "
-                               f"{', '.join(missing)}"])
-        written = report.write_report(dirs[0]) if len(dirs) == 1 else \
-            report.write_comparison(dirs, report.comparison_dir(dirs))
+            raise ConfigError(
+                [f"not a fedtune run folder (no metrics.jsonl): {', '.join(missing)}"]
+            )
+        written = (
+            report.write_report(dirs[0])
+            if len(dirs) == 1
+            else report.write_comparison(dirs, report.comparison_dir(dirs))
+        )
     for p in written:
         print(p)
     return 0
@@ -136,13 +167,20 @@ def cmd_compare(args) -> int:
     if problems:
         raise C.ConfigError(problems + [f"known arms: {', '.join(C.FIXED_ARMS + C.STRATEGIES)}"])
     if "fedkd-lora" in arms and not cfg.kd.teacher_data_pct:
-        raise C.ConfigError(["arm fedkd-lora needs `kd.teacher_data_pct` > 0 (the public "
-                             "slice its teacher trains on; every arm's clients then exclude it)"])
+        raise C.ConfigError(
+            [
+                "arm fedkd-lora needs `kd.teacher_data_pct` > 0 (the public "
+                "slice its teacher trains on; every arm's clients then exclude it)"
+            ]
+        )
     from fedtune.compare import run_compare
 
-    print(f"[fedtune] compare {args.recipe}: arms {', '.join(arms)} x {seeds} seed(s) -> "
-          f"{Path(cfg.output.dir).absolute()}", flush=True)
-    result = run_compare(cfg, arms, seeds, echo=lambda s: print(f"[fedtune] {s}", flush=True))
+    print(
+        f"[fedtune] compare {args.recipe}: arms {', '.join(arms)} x {seeds} seed(s) -> "
+        f"{Path(cfg.output.dir).absolute()}",
+        flush=True,
+    )
+    result = run_compare(cfg, arms, seeds)
     root = Path(cfg.output.dir).absolute()
     print((root / "comparison.md").read_text())
     failed = [a for a, r in result["arms"].items() if r["status"] != "ok"]
@@ -169,31 +207,52 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def add_overrides(parser, helptext: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=helptext)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from fedtune.console import to_terminal
+
+    to_terminal()  # every `fedtune` logger: "[fedtune] ..." lines on stderr, INFO and up
     parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error (normally one line)")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (normally one line)"
+    )
     for name, fn, helptext in [
         ("run", cmd_run, "run a recipe on Flower's Simulation Engine"),
         ("validate", cmd_validate, "check a recipe (keys, types, ranges, paths) without training"),
     ]:
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("recipe", nargs="?" if name == "run" else None,
-                       help="recipe TOML file, e.g. recipes/demo.toml")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe value, e.g. --set federation.rounds=2")
+        p.add_argument(
+            "recipe",
+            nargs="?" if name == "run" else None,
+            help="recipe TOML file, e.g. recipes/demo.toml",
+        )
+        add_overrides(p, "override a recipe value, e.g. --set federation.rounds=2")
         if name == "run":
-            p.add_argument("--resume", metavar="RUN_DIR",
-                           help="continue a stopped or killed run from its latest checkpoint")
-            p.add_argument("--engine", choices=["simulation", "inprocess"],
-                           default="simulation", help="simulation: Flower's Simulation Engine "
-                           "(default); inprocess: clients called in this process, one after "
-                           "another, no Ray (debugging, non-federated baselines)")
+            p.add_argument(
+                "--resume",
+                metavar="RUN_DIR",
+                help="continue a stopped or killed run from its latest checkpoint",
+            )
+            p.add_argument(
+                "--engine",
+                choices=["simulation", "inprocess"],
+                default="simulation",
+                help="simulation: Flower's Simulation Engine "
+                "(default); inprocess: clients called in this process, one after "
+                "another, no Ray (debugging, non-federated baselines)",
+            )
         p.set_defaults(fn=fn)
     p = sub.add_parser("deploy", help="run a recipe on Flower's Deployment Engine")
-    p.add_argument("where", choices=["local"], help="local: SuperLink + SuperNodes as "
-                   "processes on 127.0.0.1 (see deploy/ for containers and other hosts)")
+    p.add_argument(
+        "where",
+        choices=["local"],
+        help="local: SuperLink + SuperNodes as "
+        "processes on 127.0.0.1 (see deploy/ for containers and other hosts)",
+    )
     p.add_argument("recipe")
     p.add_argument("--clients", type=int, required=True, help="number of SuperNodes")
     p.add_argument("--tls", action="store_true", help="TLS with a generated local CA")
@@ -201,33 +260,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600, help="seconds before giving up")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_deploy)
-    p = sub.add_parser("report", help="(re)write report.md/.html and plots of one run, or "
-                       "overlay several runs")
+    p = sub.add_parser(
+        "report", help="(re)write report.md/.html and plots of one run, or overlay several runs"
+    )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.set_defaults(fn=cmd_report)
-    p = sub.add_parser("compare", help="run several arms (baselines, strategies, FedKD) "
-                       "on the same data and seeds; write comparison.json/.md and plots")
+    p = sub.add_parser(
+        "compare",
+        help="run several arms (baselines, strategies, FedKD) "
+        "on the same data and seeds; write comparison.json/.md and plots",
+    )
     p.add_argument("recipe")
-    p.add_argument("--arms", action="append", help="comma-separated: pretrained, "
-                   "centralized, local-only, fedavg-full, fedlora, fedkd-lora, or a strategy "
-                   "(default: the recipe's [compare] arms)")
+    p.add_argument(
+        "--arms",
+        action="append",
+        help="comma-separated: pretrained, "
+        "centralized, local-only, fedavg-full, fedlora, fedkd-lora, or a strategy "
+        "(default: the recipe's [compare] arms)",
+    )
     p.add_argument("--seeds", type=int, help="seeds per arm (default: [compare] seeds)")
     p.add_argument("--out", help="comparison folder (default: the recipe's output.dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_compare)
-    p = sub.add_parser("eval", help="evaluate a run's final model, or a base model, on "
-                       "benchmark suites (mmlu) and/or the recipe's test split (task)")
-    p.add_argument("target", help="a run folder (uses its config.toml and final/), or a "
-                   "model: hub id, local folder, offline:NAME")
-    p.add_argument("--suite", action="append", required=True,
-                   help="mmlu and/or task (comma-separated or repeated)")
-    p.add_argument("--out", help="where eval/*.json go (default: the run folder, or "
-                   "runs/eval-MODEL)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="e.g. --set eval.mmlu_source=offline:mmlu-cot")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run's final model, or a base model, on "
+        "benchmark suites (mmlu) and/or the recipe's test split (task)",
+    )
+    p.add_argument(
+        "target",
+        help="a run folder (uses its config.toml and final/), or a "
+        "model: hub id, local folder, offline:NAME",
+    )
+    p.add_argument(
+        "--suite",
+        action="append",
+        required=True,
+        help="mmlu and/or task (comma-separated or repeated)",
+    )
+    p.add_argument(
+        "--out", help="where eval/*.json go (default: the run folder, or runs/eval-MODEL)"
+    )
+    add_overrides(p, "e.g. --set eval.mmlu_source=offline:mmlu-cot")
     p.set_defaults(fn=cmd_eval)
-    sub.add_parser("keys", help="list every recipe key with its default").set_defaults(
-        fn=cmd_keys)
+    sub.add_parser("keys", help="list every recipe key with its default").set_defaults(fn=cmd_keys)
     args = parser.parse_args(argv)
     from fedtune.errors import FedtuneError
 

@@ -9,7 +9,6 @@ the split deterministically from the config, so no raw data ever travels.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -19,8 +18,13 @@ from fedtune import __version__, assets, partition
 from fedtune.config import DATA_SUFFIXES, DataConfig, check_data_file, looks_local
 from fedtune.errors import DataError, HubDataError
 
-FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
-              ".txt": "text"}
+FILE_KINDS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 
 
 def load_source(cfg: DataConfig, required: tuple[str, ...] | None = None) -> Dataset:
@@ -37,8 +41,13 @@ def load_source(cfg: DataConfig, required: tuple[str, ...] | None = None) -> Dat
             files = sorted(p for p in path.glob(cfg.file_glob) if p.is_file())
             if not files:
                 raise DataError(f"no files match `data.file_glob` {cfg.file_glob!r} in {path}")
-            rows = [{cfg.text_column: f.read_text(encoding="utf-8", errors="replace"),
-                     "source": str(f.relative_to(path))} for f in files]
+            rows = [
+                {
+                    cfg.text_column: f.read_text(encoding="utf-8", errors="replace"),
+                    "source": str(f.relative_to(path)),
+                }
+                for f in files
+            ]
             ds = Dataset.from_list(rows)
         else:
             ds = _load_file(path)
@@ -46,17 +55,24 @@ def load_source(cfg: DataConfig, required: tuple[str, ...] | None = None) -> Dat
         try:
             ds = load_dataset(src, cfg.subset or None, split=cfg.split)
         except (ConnectionError, FileNotFoundError, ValueError) as err:
-            hint = (" (HF_HUB_OFFLINE=1 is set: hub datasets only work from the local cache;"
-                    " use a local file or folder, or offline:NAME)"
-                    if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
+            hint = (
+                " (HF_HUB_OFFLINE=1 is set: hub datasets only work from the local cache;"
+                " use a local file or folder, or offline:NAME)"
+                if os.environ.get("HF_HUB_OFFLINE") == "1"
+                else ""
+            )
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise HubDataError(f"cannot load `data.source` = {src!r} (subset {cfg.subset!r}, "
-                            f"split {cfg.split!r}) from the hub: {first}{hint}") from None
+            raise HubDataError(
+                f"cannot load `data.source` = {src!r} (subset {cfg.subset!r}, "
+                f"split {cfg.split!r}) from the hub: {first}{hint}"
+            ) from None
     for col in (cfg.text_column,) if required is None else required:
         if col not in ds.column_names:
-            raise DataError(f"column {col!r} is not in {src!r}; its columns are: "
-                            f"{', '.join(ds.column_names)} (set the column names in [task] "
-                            "or `data.text_column`)")
+            raise DataError(
+                f"column {col!r} is not in {src!r}; its columns are: "
+                f"{', '.join(ds.column_names)} (set the column names in [task] "
+                "or `data.text_column`)"
+            )
     return ds
 
 
@@ -64,17 +80,21 @@ def _load_file(path: Path) -> Dataset:
     """A local data file as a Dataset; an unreadable one is a DataError naming the problem
     (empty, not UTF-8, the first malformed JSON line), not a pyarrow traceback."""
     if not path.exists() or path.suffix not in FILE_KINDS:
-        raise DataError(f"data source {str(path)!r} does not exist or is not one of "
-                        f"{', '.join(FILE_KINDS)} or a folder")
+        raise DataError(
+            f"data source {str(path)!r} does not exist or is not one of "
+            f"{', '.join(FILE_KINDS)} or a folder"
+        )
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty: no rows to train on")
     try:
         with partition.quiet():
             return load_dataset(FILE_KINDS[path.suffix], data_files=str(path), split="train")
     except Exception as err:  # noqa: BLE001 - datasets/pyarrow raise many kinds; say which line
-        raise DataError(check_data_file(path, limit=None) or f"cannot read {path}: {type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-                        ) from None
+        raise DataError(
+            check_data_file(path, limit=None)
+            or f"cannot read {path}: {type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        ) from None
 
 
 def source_stamp(cfg: DataConfig) -> str | None:
@@ -89,8 +109,7 @@ def source_stamp(cfg: DataConfig) -> str | None:
     path = Path(src).expanduser()
     if not path.exists():
         return "missing"
-    files = sorted(p for p in path.glob(cfg.file_glob) if p.is_file()) if path.is_dir() \
-        else [path]
+    files = sorted(p for p in path.glob(cfg.file_glob) if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.sha256()
     for f in files:
         st = f.stat()
@@ -104,15 +123,18 @@ def split(ds: Dataset, cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
     if cfg.max_samples:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
     if len(ds) <= cfg.test_samples:
-        raise DataError(f"{len(ds)} samples cannot give `data.test_samples` = "
-                        f"{cfg.test_samples} to the server and still leave some for clients")
+        raise DataError(
+            f"{len(ds)} samples cannot give `data.test_samples` = "
+            f"{cfg.test_samples} to the server and still leave some for clients"
+        )
     test = ds.select(range(cfg.test_samples))
     pool = ds.select(range(cfg.test_samples, len(ds)))
     return test, pool
 
 
-def partitions(pool: Dataset, cfg: DataConfig, num_clients: int, seed: int = 0,
-               column: str | None = None) -> list[Dataset]:
+def partitions(
+    pool: Dataset, cfg: DataConfig, num_clients: int, seed: int = 0, column: str | None = None
+) -> list[Dataset]:
     """All client partitions (cheap: flwr-datasets returns index views).
 
     `seed` and `column` must be the same in every process (the run's seed and
@@ -139,8 +161,10 @@ def load_data(cfg, columns: tuple[str, ...], with_public: bool = False):
     if cfg.kd.teacher_data_pct:
         n_public = round(len(pool) * cfg.kd.teacher_data_pct)
         if not 0 < n_public < len(pool):
-            raise DataError(f"`kd.teacher_data_pct` = {cfg.kd.teacher_data_pct} of "
-                                 f"{len(pool)} samples leaves no public or no private data")
+            raise DataError(
+                f"`kd.teacher_data_pct` = {cfg.kd.teacher_data_pct} of "
+                f"{len(pool)} samples leaves no public or no private data"
+            )
         public, pool = pool.select(range(n_public)), pool.select(range(n_public, len(pool)))
     if d.merge_partitions:
         every = partitions(pool, d, d.split_clients, cfg.train.seed, column)

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ from fedtune.results import clear_old_run, read_metrics
 from fedtune.simulation import prepare
 
 BIN = Path(sys.executable).parent
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -62,53 +64,76 @@ def make_tls(folder: Path, num_nodes: int) -> dict[str, Path]:
     from cryptography.x509.oid import NameOID
 
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def cert(subject, issuer, key, sign_key, ca: bool, san=None):
-        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5))
-             .not_valid_after(now + datetime.timedelta(days=30))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if san:
             b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return b.sign(sign_key, hashes.SHA256())
 
     def pem_key(key):
-        return key.private_bytes(serialization.Encoding.PEM,
-                                 serialization.PrivateFormat.TraditionalOpenSSL,
-                                 serialization.NoEncryption())
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtune local CA")])
     ca_cert = cert(ca_name, ca_name, ca_key, ca_key, ca=True)
     srv_key = ec.generate_private_key(ec.SECP384R1())
-    srv_cert = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "superlink")]),
-                    ca_name, srv_key, ca_key, ca=False,
-                    san=[x509.DNSName("localhost"),
-                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    files = {"ca": folder / "ca.crt", "cert": folder / "server.pem",
-             "key": folder / "server.key"}
+    srv_cert = cert(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "superlink")]),
+        ca_name,
+        srv_key,
+        ca_key,
+        ca=False,
+        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    files = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
     files["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files["cert"].write_bytes(srv_cert.public_bytes(serialization.Encoding.PEM))
     files["key"].write_bytes(pem_key(srv_key))
     for i in range(num_nodes):
         k = ec.generate_private_key(ec.SECP384R1())
         files[f"node{i}"] = folder / f"supernode-{i}"
-        files[f"node{i}"].write_bytes(k.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption()))
+        files[f"node{i}"].write_bytes(
+            k.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            )
+        )
         files[f"node{i}.pub"] = folder / f"supernode-{i}.pub"
-        files[f"node{i}.pub"].write_bytes(k.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+        files[f"node{i}.pub"].write_bytes(
+            k.public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            )
+        )
     return files
 
 
 class LocalDeployment:
     """SuperLink + N SuperNodes as real processes; use as a context manager."""
 
-    def __init__(self, work: Path, num_nodes: int, tls: bool = False, auth: bool = False,
-                 node_configs: list[str] | None = None):
+    def __init__(
+        self,
+        work: Path,
+        num_nodes: int,
+        tls: bool = False,
+        auth: bool = False,
+        node_configs: list[str] | None = None,
+    ):
         self.work, self.n, self.tls, self.auth = Path(work), num_nodes, tls or auth, auth
         self.node_configs = node_configs or [""] * num_nodes
         self.port = free_port()
@@ -117,16 +142,20 @@ class LocalDeployment:
         self.files: dict[str, Path] = {}
         self.env = os.environ | {
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # superexec by name
-            "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_HOME": str(self.home),
+            "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
 
     # -- processes -------------------------------------------------------------------
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = (self.work / f"{name}.log").open("w")
-        proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # own group: stop takes children
+        proc = subprocess.Popen(
+            args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )  # own group: stop takes children
         self.procs.append((name, proc))
         return proc
 
@@ -148,14 +177,28 @@ class LocalDeployment:
         self.stop()
 
     def start(self) -> None:
-        conn = f'[superlink]\ndefault = "local"\n\n[superlink.local]\n' \
-               f'address = "127.0.0.1:{self.port}"\n'
-        link = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port",
-                str(self.port), "--disable-runtime-dependency-installation"]
+        conn = (
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+            f'address = "127.0.0.1:{self.port}"\n'
+        )
+        link = [
+            str(BIN / "flower-superlink"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.tls:
             self.files = make_tls(self.work / "certs", self.n)
-            link += ["--ssl-ca-certfile", str(self.files["ca"]), "--ssl-certfile",
-                     str(self.files["cert"]), "--ssl-keyfile", str(self.files["key"])]
+            link += [
+                "--ssl-ca-certfile",
+                str(self.files["ca"]),
+                "--ssl-certfile",
+                str(self.files["cert"]),
+                "--ssl-keyfile",
+                str(self.files["key"]),
+            ]
             conn += f'root-certificates = "{self.files["ca"]}"\n'
         else:
             link += ["--insecure"]
@@ -170,12 +213,27 @@ class LocalDeployment:
                 self.register(self.files[f"node{i}.pub"])
             self.start_supernode(i)
 
-    def start_supernode(self, i: int, key: Path | None = None, root_cert: Path | None = None,
-                        name: str | None = None) -> subprocess.Popen:
+    def start_supernode(
+        self,
+        i: int,
+        key: Path | None = None,
+        root_cert: Path | None = None,
+        name: str | None = None,
+    ) -> subprocess.Popen:
         node_config = f"partition-id={i} num-partitions={self.n} {self.node_configs[i]}"
-        args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(free_port()), "--node-config", node_config.strip(),
-                "--max-retries", "3", "--max-wait-time", "20"]
+        args = [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node_config.strip(),
+            "--max-retries",
+            "3",
+            "--max-wait-time",
+            "20",
+        ]
         if self.tls:
             args += ["--root-certificates", str(root_cert or self.files["ca"])]
         else:
@@ -195,8 +253,9 @@ class LocalDeployment:
             if proc.poll() is not None:
                 raise DeployError(f"flower-superlink exited:\n{self.log_of('superlink')[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{self.port}/health",
-                                            timeout=2, context=ctx) as r:
+                with urllib.request.urlopen(
+                    f"{scheme}://127.0.0.1:{self.port}/health", timeout=2, context=ctx
+                ) as r:
                     if r.status == 200:
                         return
             except OSError:
@@ -208,12 +267,20 @@ class LocalDeployment:
         now, not a run that waits forever for its missing client."""
         for name, proc in self.procs:
             if name.startswith("supernode") and proc.poll() is not None:
-                lines = [ln for ln in self.log_of(name).splitlines()
-                         if "ERROR" in ln or "SSL" in ln or "could not" in ln]
-                link = [ln for ln in self.log_of("superlink").splitlines()
-                        if "ERROR" in ln and ("public key" in ln or "SSL" in ln)]
-                raise DeployError(f"{name} exited with code {proc.returncode}: "
-                                  + " | ".join(lines[-3:] + [ln[-160:] for ln in link[-1:]]))
+                lines = [
+                    ln
+                    for ln in self.log_of(name).splitlines()
+                    if "ERROR" in ln or "SSL" in ln or "could not" in ln
+                ]
+                link = [
+                    ln
+                    for ln in self.log_of("superlink").splitlines()
+                    if "ERROR" in ln and ("public key" in ln or "SSL" in ln)
+                ]
+                raise DeployError(
+                    f"{name} exited with code {proc.returncode}: "
+                    + " | ".join(lines[-3:] + [ln[-160:] for ln in link[-1:]])
+                )
 
     def stop(self) -> None:
         """SuperNodes first, then the SuperLink."""
@@ -223,8 +290,14 @@ class LocalDeployment:
 
     # -- runs ------------------------------------------------------------------------
     def flwr(self, args: list[str], check: bool = False, timeout: float = 120):
-        proc = subprocess.run([str(BIN / "flwr"), *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout, cwd=self.work)
+        proc = subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.work,
+        )
         if check and proc.returncode != 0:
             raise DeployError(f"flwr {' '.join(args[:2])} failed: {proc.stdout}{proc.stderr}")
         return proc
@@ -234,10 +307,14 @@ class LocalDeployment:
         app = write_app_folder(self.work / "app")
         text = cfg.to_json()
         if "'" in text:
-            raise DeployError("the resolved config contains a single quote, which cannot "
-                              "travel inside Flower's --run-config; rename the path")
-        proc = self.flwr(["run", str(app), "local", "--format", "json", "--run-config",
-                          f"config-json='{text}'"], check=True)
+            raise DeployError(
+                "the resolved config contains a single quote, which cannot "
+                "travel inside Flower's --run-config; rename the path"
+            )
+        proc = self.flwr(
+            ["run", str(app), "local", "--format", "json", "--run-config", f"config-json='{text}'"],
+            check=True,
+        )
         reply = json.loads(proc.stdout)
         if not reply.get("success"):
             raise DeployError(f"flwr run was refused: {reply}")
@@ -250,27 +327,31 @@ class LocalDeployment:
         except (ValueError, KeyError, IndexError):
             return {"status": "unknown", "status-details": proc.stdout + proc.stderr}
 
-    def wait(self, run_id: int, run_dir: Path, timeout: float, echo=print) -> dict:
-        """Poll until the run finishes, echoing each new metrics line as progress."""
+    def wait(self, run_id: int, run_dir: Path, timeout: float) -> dict:
+        """Poll until the run finishes, logging each new metrics line as progress."""
         deadline, seen, info = time.time() + timeout, 0, {}
         while time.time() < deadline:
             self.check_nodes()
             info = self.status(run_id)
             rows = read_metrics(run_dir)
             for row in rows[seen:]:
-                echo(f"round {row['round']}: eval_loss {row.get('eval_loss', float('nan')):.4f}"
-                     + (f" train_loss {row['train_loss']:.4f}" if row.get("train_loss")
-                        else ""))
+                log.info(
+                    f"round {row['round']}: eval_loss "
+                    f"{row.get('eval_loss', float('nan')):.4f}"
+                    + (f" train_loss {row['train_loss']:.4f}" if row.get("train_loss") else "")
+                )
             seen = len(rows)
             if str(info.get("status", "")).startswith("finished"):
                 return info
             time.sleep(2)
-        raise DeployError(f"run {run_id} did not finish within {timeout:.0f} s "
-                          f"(last status {info.get('status')})")
+        raise DeployError(
+            f"run {run_id} did not finish within {timeout:.0f} s (last status {info.get('status')})"
+        )
 
 
-def deploy_local(cfg: C.Config, tls: bool = False, auth: bool = False,
-                 timeout: float = 3600, echo=print) -> dict:
+def deploy_local(
+    cfg: C.Config, tls: bool = False, auth: bool = False, timeout: float = 3600
+) -> dict:
     """Run `cfg` on a local SuperLink + `federation.num_clients` SuperNodes; return summary."""
     prepare(cfg)  # convert offline weights once, check data, before any process starts
     cores, fed = os.cpu_count() or 1, cfg.federation
@@ -278,20 +359,26 @@ def deploy_local(cfg: C.Config, tls: bool = False, auth: bool = False,
         # every SuperNode of a local deployment trains at once on this one machine;
         # oversubscribed torch threads slow training down many times over
         threads = max(1, cores // fed.num_clients)
-        echo(f"{fed.num_clients} local SuperNodes x {fed.client_threads} threads > {cores} "
-             f"cores: using federation.client_threads={threads}")
+        log.info(
+            f"{fed.num_clients} local SuperNodes x {fed.client_threads} threads > "
+            f"{cores} cores: using federation.client_threads={threads}"
+        )
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(fed, client_threads=threads))
     run_dir = Path(cfg.output.dir)
     if not cfg.output.resume:
         clear_old_run(run_dir, cfg.output.overwrite)  # before deployment/ is written into it
     work = run_dir / "deployment"
     with LocalDeployment(work, cfg.federation.num_clients, tls=tls, auth=auth) as dep:
-        echo(f"SuperLink on 127.0.0.1:{dep.port} ({'TLS' if dep.tls else 'insecure'}"
-             f"{', SuperNode auth' if auth else ''}), {dep.n} SuperNodes; logs in {work}")
+        log.info(
+            f"SuperLink on 127.0.0.1:{dep.port} ({'TLS' if dep.tls else 'insecure'}"
+            f"{', SuperNode auth' if auth else ''}), {dep.n} SuperNodes; logs in {work}"
+        )
         run_id = dep.submit(cfg)
-        echo(f"submitted run {run_id}")
-        info = dep.wait(run_id, run_dir, timeout, echo)
+        log.info(f"submitted run {run_id}")
+        info = dep.wait(run_id, run_dir, timeout)
     if info.get("status") != "finished:completed":
-        raise DeployError(f"run {run_id} ended as {info.get('status')}: "
-                          f"{info.get('status-details')}; see {work}/superlink.log")
+        raise DeployError(
+            f"run {run_id} ended as {info.get('status')}: "
+            f"{info.get('status-details')}; see {work}/superlink.log"
+        )
     return json.loads((run_dir / "summary.json").read_text())

@@ -27,15 +27,18 @@ from fedtune.model import autocast
 from fedtune.scoring import choose, generate_greedy, score_candidates
 from fedtune.tasks import IGNORE, classification_prompt, collate, encode_completion, label_text
 
+log = logging.getLogger(__name__)
+
 
 def _batches(examples, batch_size, pad_id, device):
     for i in range(0, len(examples), batch_size):
-        yield {k: v.to(device) for k, v in collate(examples[i: i + batch_size], pad_id).items()}
+        yield {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
 
 
 @torch.no_grad()
-def eval_lm(model, examples: list[dict], batch_size: int, pad_id: int,
-            precision: str = "fp32") -> dict:
+def eval_lm(
+    model, examples: list[dict], batch_size: int, pad_id: int, precision: str = "fp32"
+) -> dict:
     """Mean next-token cross-entropy over every labelled target token, and exp of it."""
     model.eval()
     total, count = 0.0, 0
@@ -44,16 +47,21 @@ def eval_lm(model, examples: list[dict], batch_size: int, pad_id: int,
         with autocast(precision, model.device):
             logits = model(**batch).logits
         targets = labels[:, 1:]
-        total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                                 ignore_index=IGNORE, reduction="sum").item()
+        total += F.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1),
+            targets.flatten(),
+            ignore_index=IGNORE,
+            reduction="sum",
+        ).item()
         count += int((targets != IGNORE).sum())
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
 @torch.no_grad()
-def eval_sequence_classification(model, examples: list[dict], batch_size: int, pad_id: int,
-                                 precision: str = "fp32") -> dict:
+def eval_sequence_classification(
+    model, examples: list[dict], batch_size: int, pad_id: int, precision: str = "fp32"
+) -> dict:
     """Mean cross-entropy of the classifier, accuracy, macro-F1, Matthews correlation."""
     model.eval()
     total, preds, golds = 0.0, [], []
@@ -65,8 +73,12 @@ def eval_sequence_classification(model, examples: list[dict], batch_size: int, p
         preds += logits.argmax(-1).tolist()
         golds += labels.tolist()
     m = classification_metrics(preds, golds)
-    return {"eval_loss": total / len(golds), "eval_accuracy": m["accuracy"],
-            "eval_f1_macro": m["f1_macro"], "eval_mcc": m["mcc"]}
+    return {
+        "eval_loss": total / len(golds),
+        "eval_accuracy": m["accuracy"],
+        "eval_f1_macro": m["f1_macro"],
+        "eval_mcc": m["mcc"],
+    }
 
 
 def eval_prompt_classification(model, tokenizer, rows, examples: list[dict], cfg: Config) -> dict:
@@ -78,14 +90,27 @@ def eval_prompt_classification(model, tokenizer, rows, examples: list[dict], cfg
     prompts = [classification_prompt(r, t) for r in rows]
     golds = [ex["class_label"] for ex in examples]
     labels = [label_text(t, k) for k in range(len(t.label_names))]
-    scores = score_candidates(model, tokenizer, prompts, [labels] * len(prompts),
-                              batch_size=e.batch_size, precision=prec, add_eos=True)
+    scores = score_candidates(
+        model,
+        tokenizer,
+        prompts,
+        [labels] * len(prompts),
+        batch_size=e.batch_size,
+        precision=prec,
+        add_eos=True,
+    )
     m = classification_metrics(choose(scores), golds)
     out.update(eval_accuracy=m["accuracy"], eval_f1_macro=m["f1_macro"], eval_mcc=m["mcc"])
     if e.generate:
         longest = max(len(encode_completion(tokenizer, x, add_eos=True)) for x in labels)
-        texts = generate_greedy(model, tokenizer, prompts, e.max_new_tokens or longest + 2,
-                                batch_size=e.batch_size, precision=prec)
+        texts = generate_greedy(
+            model,
+            tokenizer,
+            prompts,
+            e.max_new_tokens or longest + 2,
+            batch_size=e.batch_size,
+            precision=prec,
+        )
         refs = [t.label_names[k] for k in golds]
         norm = [x.strip().lower() for x in texts]
         hits = sum(n == r.strip().lower() for n, r in zip(norm, refs))
@@ -99,31 +124,35 @@ def evaluate_task(model, tokenizer, cfg: Config, rows, examples: list[dict]) -> 
     kind, e = cfg.task.type, cfg.eval
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if kind == "sequence-classification":
-        return eval_sequence_classification(model, examples, e.batch_size, pad_id,
-                                            cfg.train.precision)
+        return eval_sequence_classification(
+            model, examples, e.batch_size, pad_id, cfg.train.precision
+        )
     if kind == "prompt-classification":
         return eval_prompt_classification(model, tokenizer, rows, examples, cfg)
     return eval_lm(model, examples, e.batch_size, pad_id, cfg.train.precision)
 
 
-def run_suites(model, tokenizer, cfg: Config, out_dir, rnd, log) -> dict:
+def run_suites(model, tokenizer, cfg: Config, out_dir, rnd) -> dict:
     """Benchmarks beyond the task's own test split (MMLU); details to eval/*.json."""
     out = {}
     if "mmlu" in cfg.eval.suites:
         e = cfg.eval
-        questions = mmlu.load_questions(e.mmlu_source, e.mmlu_subset, e.mmlu_split,
-                                        e.mmlu_max_questions, cfg.train.seed)
+        questions = mmlu.load_questions(
+            e.mmlu_source, e.mmlu_subset, e.mmlu_split, e.mmlu_max_questions, cfg.train.seed
+        )
         t0 = time.perf_counter()
-        res = mmlu.evaluate_mmlu(model, tokenizer, questions, e.batch_size, e.mmlu_mode,
-                                 cfg.train.precision)
+        res = mmlu.evaluate_mmlu(
+            model, tokenizer, questions, e.batch_size, e.mmlu_mode, cfg.train.precision
+        )
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"mmlu-round-{rnd}.json").write_text(json.dumps(res, indent=2) + "\n")
-        out.update(eval_mmlu_accuracy=res["accuracy"],
-                   eval_mmlu_seconds=time.perf_counter() - t0)
+        out.update(eval_mmlu_accuracy=res["accuracy"], eval_mmlu_seconds=time.perf_counter() - t0)
         for cat, v in res["by_category"].items():
             out[f"eval_mmlu_{cat.replace(' ', '_')}"] = v["accuracy"]
-        log.info(f"round {rnd}: MMLU accuracy {res['accuracy']:.4f} on "
-                 f"{res['num_questions']} questions ({e.mmlu_mode} scoring)")
+        log.info(
+            f"round {rnd}: MMLU accuracy {res['accuracy']:.4f} on "
+            f"{res['num_questions']} questions ({e.mmlu_mode} scoring)"
+        )
     return out
 
 
@@ -149,15 +178,13 @@ def evaluate_saved(target: str, suites: list[str], overrides: list[str], out_dir
     if weights is not None:
         checkpoint.load_weights(model, weights, cfg.model.finetune)
     tokenizer = M.load_tokenizer(cfg.model.name)
-    log = logging.getLogger("fedtune")
     result = {"target": str(target), "model": cfg.model.name, "trained": weights is not None}
     if "task" in suites:
         test, _, _ = tasks.load_task_data(cfg)
-        examples = tasks.encode(test, tokenizer, cfg)[: cfg.eval.max_blocks or None]
-        rows = test.select(range(len(examples)))
+        rows, examples = tasks.encode_test(test, tokenizer, cfg)
         result["task"] = evaluate_task(model, tokenizer, cfg, rows, examples)
     if bench:
-        result.update(run_suites(model, tokenizer, cfg, out / "eval", "final", log))
+        result.update(run_suites(model, tokenizer, cfg, out / "eval", "final"))
     (out / "eval").mkdir(parents=True, exist_ok=True)
     (out / "eval" / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -22,9 +22,15 @@ from fedtune import checkpoint, config as C, model as M, partition, tasks, track
 from fedtune.errors import RunError
 from fedtune.evaluate import evaluate_task, run_suites
 from fedtune.nodes import NodeDirectory, short_reason
-from fedtune.report import write_plots, write_report
-from fedtune.results import (RunFolder, best_round, manifest, partition_report, peak_rss_mb,
-                             summarize)
+from fedtune.report import fmt, write_plots, write_report
+from fedtune.results import (
+    RunFolder,
+    best_round,
+    manifest,
+    partition_report,
+    peak_rss_mb,
+    summarize,
+)
 from fedtune.train import lr_for_round, sampling_seed
 
 
@@ -33,7 +39,7 @@ def build_strategy(cfg: C.Config):
     fed = cfg.federation
     return C.strategy_class(cfg.strategy.name)(
         fraction_train=fed.fraction,
-        fraction_evaluate=0.0,          # centralized evaluation only: no extra round trip
+        fraction_evaluate=0.0,  # centralized evaluation only: no extra round trip
         min_train_nodes=1,
         min_evaluate_nodes=0,
         min_available_nodes=fed.num_clients,  # wait until every SuperNode is connected
@@ -64,17 +70,19 @@ class BestTracker:
 class EarlyStopping:
     """Patience on a centralized metric; its whole state is derivable from the metric rows."""
 
-    def __init__(self, spec: dict, metric: str):
+    def __init__(self, spec: C.EarlyStoppingConfig, metric: str):
         self.metric = metric
-        self.patience = spec.get("patience", 0)
-        self.min_delta = float(spec.get("min_delta", 0.0))
+        self.patience, self.min_delta = spec.patience, spec.min_delta
         self.sign = 1.0 if C.metric_mode(metric) == "min" else -1.0
         self.best, self.best_round, self.bad = math.inf, None, 0
 
     def update(self, row: dict) -> None:
         value = row.get(self.metric)
-        if value is not None and math.isfinite(value) and \
-                self.sign * value < self.best - self.min_delta:
+        if (
+            value is not None
+            and math.isfinite(value)
+            and self.sign * value < self.best - self.min_delta
+        ):
             self.best, self.best_round, self.bad = self.sign * value, row["round"], 0
         else:
             self.bad += 1
@@ -83,8 +91,10 @@ class EarlyStopping:
         return bool(self.patience) and self.bad >= self.patience
 
     def reason(self) -> str:
-        return (f"early stopping: {self.metric} did not improve by more than {self.min_delta} "
-                f"for {self.patience} rounds (best round {self.best_round})")
+        return (
+            f"early stopping: {self.metric} did not improve by more than {self.min_delta} "
+            f"for {self.patience} rounds (best round {self.best_round})"
+        )
 
 
 def _round_row(rnd, lr, messages, ok, bytes_down, t_train) -> dict:
@@ -97,11 +107,14 @@ def _round_row(rnd, lr, messages, ok, bytes_down, t_train) -> dict:
     samples = sum(int(m["train_samples"]) for m in cm)
     tokens = sum(int(m["train_tokens"]) for m in cm)
     return {
-        "round": rnd, "lr": lr,
+        "round": rnd,
+        "lr": lr,
         "train_loss": sum(m["train_loss"] * m["num-examples"] for m in cm) / n if n else None,
-        "clients_sampled": len(messages), "clients_ok": len(ok),
+        "clients_sampled": len(messages),
+        "clients_ok": len(ok),
         "clients_failed": len(messages) - len(ok),
-        "train_samples": samples, "train_tokens": tokens,
+        "train_samples": samples,
+        "train_tokens": tokens,
         # throughput of the training phase as the server's clock sees it (clients in
         # parallel or one after another, setup and transfer included)
         "samples_per_s": samples / t_train if t_train else 0.0,
@@ -137,10 +150,11 @@ class ServerLoop:
         self.model = M.load_model(cfg)
         test, self.parts, column = tasks.load_task_data(cfg)
         names = cfg.task.label_names if column == cfg.task.label_column else None
-        run.write_json("partitions.json", partition_report(
-            self.parts, column, names, partition.describe(cfg.data)))
-        self.test_examples = tasks.encode(test, self.tokenizer, cfg)[: cfg.eval.max_blocks or None]
-        self.test_rows = test.select(range(min(len(test), len(self.test_examples))))
+        run.write_json(
+            "partitions.json",
+            partition_report(self.parts, column, names, partition.describe(cfg.data)),
+        )
+        self.test_rows, self.test_examples = tasks.encode_test(test, self.tokenizer, cfg)
         self.strategy = build_strategy(cfg)
         self.metric = C.headline_metric(cfg)
         self.stopper = EarlyStopping(cfg.train.early_stopping, self.metric)
@@ -157,7 +171,8 @@ class ServerLoop:
             f"({cfg.model.finetune}); {self.arrays.count_bytes() / 2**20:.2f} MiB per client "
             f"per direction; task {cfg.task.type}; server test split {len(test)} samples -> "
             f"{len(self.test_examples)} examples (<= {cfg.data.seq_len} tokens); strategy "
-            f"{cfg.strategy.name} {cfg.strategy.params or ''}")
+            f"{cfg.strategy.name} {cfg.strategy.params or ''}"
+        )
 
     def _resume(self) -> None:
         """Weights, strategy state and metric lines of the latest checkpoint."""
@@ -178,8 +193,10 @@ class ServerLoop:
     def run_all(self) -> dict:
         rounds = self.cfg.federation.rounds
         with contextlib.ExitStack() as stack:
-            self.trackers = [stack.enter_context(contextlib.closing(t))
-                             for t in tracking.open_trackers(self.run.dir, self.cfg)]
+            self.trackers = [
+                stack.enter_context(contextlib.closing(t))
+                for t in tracking.open_trackers(self.run.dir, self.cfg)
+            ]
             if self.start_round == 1:
                 self.finish_round(self.evaluate(0) | {"server_peak_rss_mb": peak_rss_mb()})
             for rnd in range(self.start_round, rounds + 1):
@@ -202,16 +219,23 @@ class ServerLoop:
             for r in ok:
                 self.nodes.learn(r.metadata.src_node_id, int(r.content["metrics"]["partition_id"]))
             failures = self.failures(messages, replies)
-            head = {"round": rnd, "attempt": attempt,
-                    "sampled_partitions": self.nodes.partitions(m.metadata.dst_node_id
-                                                                for m in messages),
-                    "failures": failures}
+            head = {
+                "round": rnd,
+                "attempt": attempt,
+                "sampled_partitions": self.nodes.partitions(
+                    m.metadata.dst_node_id for m in messages
+                ),
+                "failures": failures,
+            }
             if len(ok) >= fed.min_clients:
                 break
-            self.run.append(head | {"status": "failed", "clients_sampled": len(messages),
-                                    "clients_ok": len(ok)})
-            self.log.info(f"round {rnd} attempt {attempt + 1}: {len(ok)} of {len(messages)} "
-                          f"clients replied (federation.min_clients = {fed.min_clients})")
+            self.run.append(
+                head | {"status": "failed", "clients_sampled": len(messages), "clients_ok": len(ok)}
+            )
+            self.log.info(
+                f"round {rnd} attempt {attempt + 1}: {len(ok)} of {len(messages)} "
+                f"clients replied (federation.min_clients = {fed.min_clients})"
+            )
         else:
             self.fail(rnd, head["failures"], len(ok), len(messages))
         new_arrays, _ = self.strategy.aggregate_train(rnd, ok)
@@ -225,8 +249,10 @@ class ServerLoop:
         row = head | _round_row(rnd, lr, messages, ok, bytes_down, t_train)
         del replies, ok
         row |= self.evaluate(rnd)
-        return row | {"round_seconds": time.perf_counter() - t_round,
-                      "server_peak_rss_mb": peak_rss_mb()}
+        return row | {
+            "round_seconds": time.perf_counter() - t_round,
+            "server_peak_rss_mb": peak_rss_mb(),
+        }
 
     def configure(self, rnd: int, attempt: int, lr: float) -> list:
         """The strategy's own messages, over nodes sorted by partition id with `random`
@@ -234,18 +260,31 @@ class ServerLoop:
         self.nodes.wait()
         random.seed(sampling_seed(self.cfg.train.seed, rnd, attempt))  # Flower samples with it
         train_config = ConfigRecord({"lr": lr, "num-rounds": self.cfg.federation.rounds})
-        return list(self.strategy.configure_train(rnd, self.arrays, train_config,
-                                                  self.nodes.sorted_view()))
+        return list(
+            self.strategy.configure_train(rnd, self.arrays, train_config, self.nodes.sorted_view())
+        )
 
     def failures(self, messages, replies) -> list[dict]:
         """Who failed and why: error replies, and sampled clients that never replied."""
         answered = {r.metadata.src_node_id for r in replies}
-        out = [{"partition": self.nodes.partition_of.get(r.metadata.src_node_id),
-                "node": r.metadata.src_node_id, "error": short_reason(r.error.reason)}
-               for r in replies if r.has_error()]
-        out += [{"partition": self.nodes.partition_of.get(m.metadata.dst_node_id),
-                 "node": m.metadata.dst_node_id, "error": "no reply"}
-                for m in messages if m.metadata.dst_node_id not in answered]
+        out = [
+            {
+                "partition": self.nodes.partition_of.get(r.metadata.src_node_id),
+                "node": r.metadata.src_node_id,
+                "error": short_reason(r.error.reason),
+            }
+            for r in replies
+            if r.has_error()
+        ]
+        out += [
+            {
+                "partition": self.nodes.partition_of.get(m.metadata.dst_node_id),
+                "node": m.metadata.dst_node_id,
+                "error": "no reply",
+            }
+            for m in messages
+            if m.metadata.dst_node_id not in answered
+        ]
         for f in out:
             self.log.info(f"client {f['partition']} (node {f['node']}) failed: {f['error']}")
         return sorted(out, key=lambda f: (f["partition"] is None, f["partition"] or 0))
@@ -256,12 +295,17 @@ class ServerLoop:
         if self.cfg.output.save_every and last["round"] > self.saved_round:
             self.save_checkpoint(last)
         who = "; ".join(f"client {f['partition']}: {f['error']}" for f in failures) or "none"
-        resume = (f"; resume from round {self.saved_round} with: fedtune run --resume "
-                  f"{self.run.dir}" if self.saved_round else "")
-        raise RunError(f"round {rnd}: {n_ok} of {n_sampled} sampled clients replied "
-                       f"(federation.min_clients = {self.cfg.federation.min_clients}) in "
-                       f"{self.cfg.federation.max_round_retries + 1} attempt(s); failures: "
-                       f"{who}{resume}")
+        resume = (
+            f"; resume from round {self.saved_round} with: fedtune run --resume {self.run.dir}"
+            if self.saved_round
+            else ""
+        )
+        raise RunError(
+            f"round {rnd}: {n_ok} of {n_sampled} sampled clients replied "
+            f"(federation.min_clients = {self.cfg.federation.min_clients}) in "
+            f"{self.cfg.federation.max_round_retries + 1} attempt(s); failures: "
+            f"{who}{resume}"
+        )
 
     def evaluate(self, rnd: int) -> dict:
         cfg = self.cfg
@@ -270,8 +314,7 @@ class ServerLoop:
         res = {"round": rnd, **res, "eval_seconds": time.perf_counter() - t0}
         every = cfg.eval.suites_every
         if cfg.eval.suites and (rnd in (0, cfg.federation.rounds) or (every and rnd % every == 0)):
-            res |= run_suites(self.model, self.tokenizer, cfg, self.run.dir / "eval", rnd,
-                              self.log)
+            res |= run_suites(self.model, self.tokenizer, cfg, self.run.dir / "eval", rnd)
         return res
 
     def finish_round(self, row: dict) -> None:
@@ -279,34 +322,48 @@ class ServerLoop:
         checkpoint of round k always exists when metrics.jsonl shows round k."""
         cfg, rnd = self.cfg, row["round"]
         if self.best and self.best.update(row):
-            checkpoint.save_best(self.run.dir, rnd, self.model, self.tokenizer, self.metric,
-                                 row.get(self.metric))
+            checkpoint.save_best(
+                self.run.dir, rnd, self.model, self.tokenizer, self.metric, row.get(self.metric)
+            )
         self.stopper.update(row)
         every = cfg.output.save_every
-        if every and rnd and (rnd % every == 0 or rnd == cfg.federation.rounds
-                              or self.stopper.should_stop()):
+        if (
+            every
+            and rnd
+            and (rnd % every == 0 or rnd == cfg.federation.rounds or self.stopper.should_stop())
+        ):
             self.save_checkpoint(row)
         self.run.append(row)
         for t in self.trackers:
             t.log(row)
         if cfg.output.plots:
             self._plots()
-        self.log.info(f"round {rnd}/{cfg.federation.rounds} {headline(row)}" + (
-            "" if not rnd else
-            f" train_loss {_fmt(row['train_loss'])} lr {row['lr']:.2e} | "
-            f"{row['round_seconds']:.1f}s, {row['tokens_per_s']:.0f} tok/s, down "
-            f"{row['bytes_down'] / 2**20:.2f} MiB up {row['bytes_up'] / 2**20:.2f} MiB, "
-            f"clients {row['clients_ok']}/{row['clients_sampled']}"))
+        self.log.info(
+            f"round {rnd}/{cfg.federation.rounds} {headline(row)}"
+            + (
+                ""
+                if not rnd
+                else f" train_loss {fmt(row['train_loss'], missing='n/a')} lr {row['lr']:.2e} | "
+                f"{row['round_seconds']:.1f}s, {row['tokens_per_s']:.0f} tok/s, down "
+                f"{row['bytes_down'] / 2**20:.2f} MiB up {row['bytes_up'] / 2**20:.2f} MiB, "
+                f"clients {row['clients_ok']}/{row['clients_sampled']}"
+            )
+        )
         if self.stopper.should_stop():
             self.log.info(self.stopper.reason())
 
     def save_checkpoint(self, row: dict) -> None:
         lines = self.run.lines + ([row] if row not in self.run.lines else [])
-        state = {"round": row["round"], "rows": lines, "config": self.cfg.to_dict(),
-                 "strategy": checkpoint.strategy_state(self.strategy),
-                 "elapsed_seconds": self.elapsed_before + time.perf_counter() - self.t_start}
-        checkpoint.save_round(self.run.dir, row["round"], self.model, self.tokenizer, state,
-                              self.cfg.output.keep_last)
+        state = {
+            "round": row["round"],
+            "rows": lines,
+            "config": self.cfg.to_dict(),
+            "strategy": checkpoint.strategy_state(self.strategy),
+            "elapsed_seconds": self.elapsed_before + time.perf_counter() - self.t_start,
+        }
+        checkpoint.save_round(
+            self.run.dir, row["round"], self.model, self.tokenizer, state, self.cfg.output.keep_last
+        )
         self.saved_round = row["round"]
 
     def _plots(self) -> None:
@@ -323,37 +380,52 @@ class ServerLoop:
         final_round = run.rows[-1]["round"]
         best = self.best.row["round"] if self.best and self.best.row else None
         if stopped and best is not None and best != final_round:
-            checkpoint.load_weights(self.model, run.dir / "checkpoints" / "best",
-                                    cfg.model.finetune)
+            checkpoint.load_weights(
+                self.model, run.dir / "checkpoints" / "best", cfg.model.finetune
+            )
             final_round = best
             self.log.info(f"final model = best checkpoint (round {final_round})")
         if cfg.output.save_final:
             M.save_final(self.model, self.tokenizer, run.dir / "final")
-            self.log.info(f"final model (round {final_round}) saved with save_pretrained in "
-                          f"{run.dir / 'final'}")
-        summary = summarize(run.rows, self.elapsed_before + time.perf_counter() - self.t_start,
-                            self.metric, {
-            "config_hash": cfg.hash(), "model": cfg.model.name, "finetune": cfg.model.finetune,
-            "strategy": cfg.strategy.name, "trainable_parameters": self.trainable,
-            "client_failures": sum(r.get("clients_failed", 0) for r in run.rows),
-            "final_model": str(run.dir / "final") if cfg.output.save_final else None,
-            "final_model_round": final_round,
-            "stopped_early": stopped, "stop_reason": self.stopper.reason() if stopped else None,
-            "resumed_from_round": self.start_round - 1 if cfg.output.resume else None,
-            "manifest": manifest(cfg, self.parts),
-        })
+            self.log.info(
+                f"final model (round {final_round}) saved with save_pretrained in "
+                f"{run.dir / 'final'}"
+            )
+        summary = summarize(
+            run.rows,
+            self.elapsed_before + time.perf_counter() - self.t_start,
+            self.metric,
+            {
+                "config_hash": cfg.hash(),
+                "model": cfg.model.name,
+                "finetune": cfg.model.finetune,
+                "strategy": cfg.strategy.name,
+                "trainable_parameters": self.trainable,
+                "client_failures": sum(r.get("clients_failed", 0) for r in run.rows),
+                "final_model": str(run.dir / "final") if cfg.output.save_final else None,
+                "final_model_round": final_round,
+                "stopped_early": stopped,
+                "stop_reason": self.stopper.reason() if stopped else None,
+                "resumed_from_round": self.start_round - 1 if cfg.output.resume else None,
+                "manifest": manifest(cfg, self.parts),
+            },
+        )
         run.write_summary(summary)
         if cfg.output.plots:
             try:
                 self.log.info(f"report: {write_report(run.dir)[1]}")
             except Exception as err:  # noqa: BLE001
                 self.log.warning(f"could not write the report: {err!r}")
-        best_text = (f"best round {summary['best_round']} ({self.metric} "
-                     f"{_fmt(summary['best_value'])})")
-        self.log.info(f"done: {summary['rounds_completed']} rounds in "
-                      f"{summary['total_wall_seconds']:.0f}s; {best_text}; communicated "
-                      f"{(summary['total_bytes_down'] + summary['total_bytes_up']) / 2**20:.1f}"
-                      f" MiB; results in {run.dir}")
+        best_text = (
+            f"best round {summary['best_round']} ({self.metric} "
+            f"{fmt(summary['best_value'], missing='n/a')})"
+        )
+        self.log.info(
+            f"done: {summary['rounds_completed']} rounds in "
+            f"{summary['total_wall_seconds']:.0f}s; {best_text}; communicated "
+            f"{(summary['total_bytes_down'] + summary['total_bytes_up']) / 2**20:.1f}"
+            f" MiB; results in {run.dir}"
+        )
         return summary
 
 
@@ -362,14 +434,18 @@ def run_federation(grid, cfg: C.Config) -> dict:
     return ServerLoop(grid, cfg).run_all()
 
 
-HEADLINE = ("eval_loss", "eval_ppl", "eval_accuracy", "eval_gen_accuracy", "eval_rougeL",
-            "eval_f1_macro", "eval_mcc", "eval_mmlu_accuracy")
+HEADLINE = (
+    "eval_loss",
+    "eval_ppl",
+    "eval_accuracy",
+    "eval_gen_accuracy",
+    "eval_rougeL",
+    "eval_f1_macro",
+    "eval_mcc",
+    "eval_mmlu_accuracy",
+)
 
 
 def headline(row: dict) -> str:
     """The round's centralized metrics in one short line."""
     return " ".join(f"{k[5:]} {row[k]:.4f}" for k in HEADLINE if row.get(k) is not None)
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"

@@ -29,18 +29,24 @@ class InProcessGrid:
         n = cfg.federation.num_clients
         ids = random.Random().sample(range(1, 2**63), n)
         self.contexts = {
-            node: Context(run_id=1, node_id=node, state=RecordDict(),
-                          node_config={"partition-id": pid, "num-partitions": n},
-                          run_config={"config-json": cfg.to_json()})
-            for pid, node in enumerate(ids)}
+            node: Context(
+                run_id=1,
+                node_id=node,
+                state=RecordDict(),
+                node_config={"partition-id": pid, "num-partitions": n},
+                run_config={"config-json": cfg.to_json()},
+            )
+            for pid, node in enumerate(ids)
+        }
         self._replies: dict[str, Message] = {}
 
     def get_node_ids(self):
         return set(self.contexts)
 
     def handle(self, message: Message) -> Message:
-        handler = {MessageType.TRAIN: client.train,
-                   MessageType.QUERY: client.query}[message.metadata.message_type]
+        handler = {MessageType.TRAIN: client.train, MessageType.QUERY: client.query}[
+            message.metadata.message_type
+        ]
         try:
             return handler(message, self.contexts[message.metadata.dst_node_id])
         except Exception as ex:  # noqa: BLE001 - a client's failure is a reply, not a crash
@@ -63,8 +69,9 @@ class InProcessGrid:
 
 def error_reply(message: Message, ex: Exception) -> Message:
     """The reply Flower's runtimes send when a ClientApp raises."""
-    return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex)}:<'{ex}'>"),
-                   reply_to=message)
+    return Message(
+        Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex)}:<'{ex}'>"), reply_to=message
+    )
 
 
 def run_inprocess(cfg: C.Config) -> dict:

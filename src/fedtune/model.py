@@ -37,8 +37,10 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
 def _load_error(name: str, err: Exception) -> ModelError:
     """One sentence for a model that cannot be loaded, with the fix."""
     if looks_local(name):
-        return ModelError(f"cannot load `model.name` = {name!r} from its local folder: "
-                          f"{str(err).strip().splitlines()[0]}")
+        return ModelError(
+            f"cannot load `model.name` = {name!r} from its local folder: "
+            f"{str(err).strip().splitlines()[0]}"
+        )
     return HubModelError(hub_unreachable(name))
 
 
@@ -77,8 +79,9 @@ def config_json(name: str) -> dict:
             raise OSError(f"there is no folder {name!r}")
         return json.loads(Path(hf_hub_download(name, "config.json")).read_text())
     except EntryNotFoundError:
-        raise ModelError(f"`model.name` = {name!r} has no config.json on the hub: is it a "
-                         "transformers model?") from None
+        raise ModelError(
+            f"`model.name` = {name!r} has no config.json on the hub: is it a transformers model?"
+        ) from None
     except (OSError, ValueError) as err:  # missing file, hub errors (OSError), bad JSON
         raise _load_error(name, err) from None
 
@@ -107,8 +110,11 @@ def module_names(cfg: Config, config: dict) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = load_config(cfg.model.name)
-    cls = (AutoModelForSequenceClassification if cfg.task.type == "sequence-classification"
-           else AutoModelForCausalLM)
+    cls = (
+        AutoModelForSequenceClassification
+        if cfg.task.type == "sequence-classification"
+        else AutoModelForCausalLM
+    )
     with torch.device("meta"):
         model = cls.from_config(config)
     return [n for n, _ in model.named_modules() if n]
@@ -136,29 +142,38 @@ def check_lora_targets(names: list[str], targets: list[str], model_name: str) ->
     if unmatched:
         leaves = {n.split(".")[-1] for n in names}
         linear = sorted(n for n in leaves if any(k in n for k in LINEAR_HINTS))[:10]
-        raise ModelError(f"`lora.target_modules` {unmatched} match no module of {model_name} "
-                         f"(listed: {targets}); its layers include {linear}")
+        raise ModelError(
+            f"`lora.target_modules` {unmatched} match no module of {model_name} "
+            f"(listed: {targets}); its layers include {linear}"
+        )
 
 
 def check_runtime(cfg: Config) -> None:
     """Fail before any process starts when the machine cannot do what the recipe asks."""
     if cfg.model.quantization:
         if not torch.cuda.is_available():
-            raise ModelError(f"`model.quantization = \"{cfg.model.quantization}\"` (QLoRA) "
-                             "needs a CUDA GPU (bitsandbytes quantizes on the GPU) and this "
-                             "machine has none; remove the key to train the unquantized model")
+            raise ModelError(
+                f'`model.quantization = "{cfg.model.quantization}"` (QLoRA) '
+                "needs a CUDA GPU (bitsandbytes quantizes on the GPU) and this "
+                "machine has none; remove the key to train the unquantized model"
+            )
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ModelError(f"`model.quantization = \"{cfg.model.quantization}\"` needs the "
-                             "`bitsandbytes` package: pip install bitsandbytes")
+            raise ModelError(
+                f'`model.quantization = "{cfg.model.quantization}"` needs the '
+                "`bitsandbytes` package: pip install bitsandbytes"
+            )
 
 
 def _quantization_config(cfg: Config):
     from transformers import BitsAndBytesConfig
 
     if cfg.model.quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -182,8 +197,12 @@ def load_model(cfg: Config, seed: int | None = None):
         if cfg.task.type == "sequence-classification":
             names = cfg.task.label_names
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=len(names), id2label=dict(enumerate(names)),
-                label2id={n: i for i, n in enumerate(names)}, **kwargs)
+                path,
+                num_labels=len(names),
+                id2label=dict(enumerate(names)),
+                label2id={n: i for i, n in enumerate(names)},
+                **kwargs,
+            )
             if model.config.pad_token_id is None:  # GPT-style backbones: find the last token
                 model.config.pad_token_id = load_tokenizer(cfg.model.name).pad_token_id
         else:
@@ -195,7 +214,8 @@ def load_model(cfg: Config, seed: int | None = None):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing
+        )
     elif torch.cuda.is_available():
         model.to("cuda")
     if cfg.model.gradient_checkpointing and not cfg.model.quantization:
@@ -217,8 +237,13 @@ def add_lora(model, cfg: Config, seed: int):
     torch.manual_seed(seed)  # identical adapter init on server and every client
     # SEQ_CLS makes PEFT train (and us send) the new classifier head along with the adapter
     task_type = "SEQ_CLS" if cfg.task.type == "sequence-classification" else "CAUSAL_LM"
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=target, task_type=task_type)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=target,
+        task_type=task_type,
+    )
     return get_peft_model(model, lora)
 
 
@@ -232,9 +257,11 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, extra = params.keys() - state.keys(), state.keys() - params.keys()
     if missing or extra:
-        raise ModelError(f"received arrays do not match the model: {len(missing)} missing "
-                         f"(e.g. {sorted(missing)[:2]}), {len(extra)} unexpected "
-                         f"(e.g. {sorted(extra)[:2]}); do server and clients use one recipe?")
+        raise ModelError(
+            f"received arrays do not match the model: {len(missing)} missing "
+            f"(e.g. {sorted(missing)[:2]}), {len(extra)} unexpected "
+            f"(e.g. {sorted(extra)[:2]}); do server and clients use one recipe?"
+        )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(torch.as_tensor(state[name]).to(p.dtype))
@@ -244,8 +271,10 @@ def to_arrays(model):
     """Trainable state as a Flower ArrayRecord (bf16 goes as fp32: the wire has no bf16)."""
     from flwr.app import ArrayRecord
 
-    state = {n: (t.float() if t.dtype == torch.bfloat16 else t).cpu()
-             for n, t in trainable_state(model).items()}
+    state = {
+        n: (t.float() if t.dtype == torch.bfloat16 else t).cpu()
+        for n, t in trainable_state(model).items()
+    }
     return ArrayRecord(state)
 
 

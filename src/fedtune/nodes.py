@@ -59,7 +59,7 @@ class NodeDirectory:
         self.grid, self.n = grid, num_clients
         self.partition_of: dict[int, int] = {}
         self.node_of: dict[int, int] = {}
-        self.pending: dict[str, int] = {}   # query message id -> node id
+        self.pending: dict[str, int] = {}  # query message id -> node id
         self.asked: set[int] = set()
 
     def learn(self, node_id: int, partition_id: int) -> None:
@@ -76,8 +76,14 @@ class NodeDirectory:
         new = [n for n in self.grid.get_node_ids() if n not in self.asked]
         if not new:
             return
-        msgs = [Message(RecordDict({"config": ConfigRecord({})}),
-                        message_type=MessageType.QUERY, dst_node_id=n) for n in new]
+        msgs = [
+            Message(
+                RecordDict({"config": ConfigRecord({})}),
+                message_type=MessageType.QUERY,
+                dst_node_id=n,
+            )
+            for n in new
+        ]
         ids = list(self.grid.push_messages(msgs))
         self.pending.update(zip(ids, new))
         self.asked.update(new)
@@ -90,8 +96,9 @@ class NodeDirectory:
             if node is None:
                 continue
             if reply.has_error():
-                log.info(f"node {node} did not say its partition-id: "
-                         f"{short_reason(reply.error.reason)}")
+                log.info(
+                    f"node {node} did not say its partition-id: {short_reason(reply.error.reason)}"
+                )
                 self.asked.discard(node)  # ask again later (it may have restarted)
             else:
                 self.learn(node, int(reply.content["metrics"]["partition-id"]))
@@ -108,8 +115,10 @@ class NodeDirectory:
             if len(known) >= self.n:
                 return
             if time.monotonic() - last_note > 30:
-                log.info(f"waiting for SuperNodes: {len(known)} of {self.n} known "
-                         f"({len(connected)} connected)")
+                log.info(
+                    f"waiting for SuperNodes: {len(known)} of {self.n} known "
+                    f"({len(connected)} connected)"
+                )
                 last_note = time.monotonic()
             time.sleep(poll)
 

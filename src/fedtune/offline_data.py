@@ -44,8 +44,9 @@ def parse_vader_tsv(text: str, domain: str) -> list[dict]:
             continue
         # The files keep HTML entities (tweets `&amp;`, NYT even `&amp;amp;`): decode twice.
         sentence = html.unescape(html.unescape(sentence)).strip()
-        rows.append({"text": sentence, "label": int(score > 0), "score": score,
-                     "domain": domain, "id": id_})
+        rows.append(
+            {"text": sentence, "label": int(score > 0), "score": score, "domain": domain, "id": id_}
+        )
     return rows
 
 
@@ -69,8 +70,10 @@ MMLU_COT_JSON = "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"
 LETTERS = "ABCD"
 # Upstream defect: the end of abstract_algebra's first explanation leaked into the second
 # question (with `\f` of `\factorial` mangled into a newline). Cut it so the question reads right.
-_MMLU_LEAKS = ("The symmetric group $S_n$ has $\nactorial{n}$ elements, hence it is not true "
-               "that $S_{10}$ has 10 elements.\n",)
+_MMLU_LEAKS = (
+    "The symmetric group $S_n$ has $\nactorial{n}$ elements, hence it is not true "
+    "that $S_{10}$ has 10 elements.\n",
+)
 
 
 def _split_choices(block: str) -> tuple[str, list[str]] | None:
@@ -78,13 +81,13 @@ def _split_choices(block: str) -> tuple[str, list[str]] | None:
     start = block.rfind("\n(A) ")
     if start < 0:
         return None
-    question, rest = block[:start].strip(), block[start + 1:]
+    question, rest = block[:start].strip(), block[start + 1 :]
     # Labels in order, each at the start or after whitespace; a fifth option means not A-D.
     marks = list(re.finditer(r"(?:^|(?<=\s))\(([A-E])\) ", rest))
     if [m.group(1) for m in marks] != list(LETTERS):
         return None
     ends = [m.start() for m in marks[1:]] + [len(rest)]
-    choices = [rest[m.end():end].strip() for m, end in zip(marks, ends)]
+    choices = [rest[m.end() : end].strip() for m, end in zip(marks, ends)]
     return (question, choices) if question and all(choices) else None
 
 
@@ -99,8 +102,14 @@ def parse_cot_prompt(prompt: str, subject: str) -> list[dict]:
         parsed = _split_choices(question)
         if parsed is None or len(answer) != 1 or answer[0] not in LETTERS:
             continue
-        rows.append({"question": parsed[0], "choices": parsed[1],
-                     "answer": LETTERS.index(answer[0]), "subject": subject})
+        rows.append(
+            {
+                "question": parsed[0],
+                "choices": parsed[1],
+                "answer": LETTERS.index(answer[0]),
+                "subject": subject,
+            }
+        )
     return rows
 
 
@@ -108,8 +117,9 @@ def mmlu_cot_rows(wheel: Path) -> list[dict]:
     """All 57 subjects, in subject order."""
     with zipfile.ZipFile(wheel) as zf:
         prompts = json.loads(zf.read(MMLU_COT_JSON))
-    return [row for subject in sorted(prompts)
-            for row in parse_cot_prompt(prompts[subject], subject)]
+    return [
+        row for subject in sorted(prompts) for row in parse_cot_prompt(prompts[subject], subject)
+    ]
 
 
 # --- Instruction data from the Python standard library: docstring -> function body ---
@@ -121,13 +131,13 @@ def _function_without_docstring(source_lines: list[str], node: ast.FunctionDef) 
     """The function's dedented source (decorators kept) minus its docstring lines, if valid."""
     doc = node.body[0]
     first = min([d.lineno for d in node.decorator_list] + [node.lineno])
-    before = source_lines[doc.lineno - 1][:doc.col_offset]
-    after = source_lines[doc.end_lineno - 1].encode()[doc.end_col_offset:].decode().strip()
+    before = source_lines[doc.lineno - 1][: doc.col_offset]
+    after = source_lines[doc.end_lineno - 1].encode()[doc.end_col_offset :].decode().strip()
     # Only a docstring on lines of its own, with code after it, can be cut out cleanly.
     if len(node.body) < 2 or before.strip() or (after and not after.startswith("#")):
         return None
-    head = source_lines[first - 1:doc.lineno - 1]
-    body = source_lines[doc.end_lineno:node.end_lineno]
+    head = source_lines[first - 1 : doc.lineno - 1]
+    body = source_lines[doc.end_lineno : node.end_lineno]
     while head and not head[-1].strip():  # blank lines around the docstring go with it
         head.pop()
     while body and not body[0].strip():
@@ -176,8 +186,17 @@ def stdlib_instruction_rows(files: list[tuple[Path, Path]]) -> list[dict]:
             if code is None or not CODE_CHARS[0] <= len(code) <= CODE_CHARS[1]:
                 continue
             signature = f"{node.name}({ast.unparse(node.args)})"
-            what = f"function `{signature}`" if cls is None else (
-                f"method `{signature}` of class `{cls}`")
-            rows.append({"instruction": f"Write the Python {what} described below.",
-                         "input": doc, "output": code, "module": module})
+            what = (
+                f"function `{signature}`"
+                if cls is None
+                else (f"method `{signature}` of class `{cls}`")
+            )
+            rows.append(
+                {
+                    "instruction": f"Write the Python {what} described below.",
+                    "input": doc,
+                    "output": code,
+                    "module": module,
+                }
+            )
     return rows

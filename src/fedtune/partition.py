@@ -58,54 +58,80 @@ def _sorted(values) -> list:
 def _check_column(pool: Dataset, cfg: C.DataConfig, n: int, column: str | None) -> None:
     kind = cfg.partitioner
     if not column:
-        raise DataError(f"`data.partitioner = \"{kind}\"` needs a column to split by: set "
-                        "`data.partition_by` (a label, topic or user-id column)")
+        raise DataError(
+            f'`data.partitioner = "{kind}"` needs a column to split by: set '
+            "`data.partition_by` (a label, topic or user-id column)"
+        )
     if column not in pool.column_names:
-        raise DataError(f"the {kind} partitioner splits by column {column!r}, which is not in "
-                        f"the data; its columns are: {', '.join(pool.column_names)} (set "
-                        "`data.partition_by` or `task.label_column`)")
+        raise DataError(
+            f"the {kind} partitioner splits by column {column!r}, which is not in "
+            f"the data; its columns are: {', '.join(pool.column_names)} (set "
+            "`data.partition_by` or `task.label_column`)"
+        )
     values = list(pool[column])
     if missing := sum(v is None for v in values):
-        raise DataError(f"column {column!r} has {missing} empty values; the {kind} partitioner "
-                        "needs a value in every row (drop those rows or pick another column)")
+        raise DataError(
+            f"column {column!r} has {missing} empty values; the {kind} partitioner "
+            "needs a value in every row (drop those rows or pick another column)"
+        )
     if kind == "natural":
         found = _sorted(set(values))
         if len(found) != n:
-            raise DataError(f"the natural partitioner gives one client per value of {column!r}"
-                            f": the data has {len(found)} ({_preview(found)}) but "
-                            f"`federation.num_clients` = {n}; set num_clients = {len(found)} "
-                            "or use the dirichlet or shards partitioner")
+            raise DataError(
+                f"the natural partitioner gives one client per value of {column!r}"
+                f": the data has {len(found)} ({_preview(found)}) but "
+                f"`federation.num_clients` = {n}; set num_clients = {len(found)} "
+                "or use the dirichlet or shards partitioner"
+            )
     if kind == "shards" and n * cfg.shards_per_client > len(pool):
-        raise DataError(f"{n} clients x {cfg.shards_per_client} shards = "
-                        f"{n * cfg.shards_per_client} shards but only {len(pool)} samples; "
-                        "lower `data.shards_per_client` or the number of clients")
+        raise DataError(
+            f"{n} clients x {cfg.shards_per_client} shards = "
+            f"{n * cfg.shards_per_client} shards but only {len(pool)} samples; "
+            "lower `data.shards_per_client` or the number of clients"
+        )
 
 
-def make_partitioner(cfg: C.DataConfig, num_clients: int, pool_size: int, seed: int = 0,
-                     column: str | None = None):
+def make_partitioner(
+    cfg: C.DataConfig, num_clients: int, pool_size: int, seed: int = 0, column: str | None = None
+):
     """The flwr-datasets partitioner for `data.partitioner`, seeded by the run's seed."""
-    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
-                                           NaturalIdPartitioner, ShardPartitioner,
-                                           SizePartitioner)
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        ShardPartitioner,
+        SizePartitioner,
+    )
 
     kind = cfg.partitioner
     if kind == "fixed-size":
         need = cfg.samples_per_client * num_clients
         if need > pool_size:
-            raise DataError(f"{num_clients} clients x {cfg.samples_per_client} samples = {need}"
-                            f" but only {pool_size} samples remain after the test split")
+            raise DataError(
+                f"{num_clients} clients x {cfg.samples_per_client} samples = {need}"
+                f" but only {pool_size} samples remain after the test split"
+            )
         return SizePartitioner([cfg.samples_per_client] * num_clients)
     if num_clients > pool_size:
         raise DataError(f"{num_clients} clients but only {pool_size} samples to share")
     if kind == "dirichlet":
         return DirichletPartitioner(
-            num_partitions=num_clients, partition_by=column,
-            alpha=float(cfg.dirichlet_alpha), min_partition_size=cfg.min_partition_size,
-            self_balancing=False, shuffle=True, seed=seed)
+            num_partitions=num_clients,
+            partition_by=column,
+            alpha=float(cfg.dirichlet_alpha),
+            min_partition_size=cfg.min_partition_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
     if kind == "shards":
         return ShardPartitioner(
-            num_partitions=num_clients, partition_by=column,
-            num_shards_per_partition=int(cfg.shards_per_client), shuffle=True, seed=seed)
+            num_partitions=num_clients,
+            partition_by=column,
+            num_shards_per_partition=int(cfg.shards_per_client),
+            shuffle=True,
+            seed=seed,
+        )
     if kind == "natural":
         return NaturalIdPartitioner(partition_by=column)
     if kind == "iid":
@@ -119,9 +145,12 @@ def quiet():
     and datasets' "Generating train split" / "Flattening the indices" and the natural
     partitioner's tqdm bar would flood the logs. datasets' own error lines too ("Failed to
     load JSON ..."): fedtune reports the problem itself, in one line."""
-    from datasets.utils import (are_progress_bars_disabled, disable_progress_bars,
-                                enable_progress_bars)
-    from datasets.utils import logging as ds_logging
+    from datasets.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+        logging as ds_logging,
+    )
 
     was_disabled, level = are_progress_bars_disabled(), ds_logging.get_verbosity()
     disable_progress_bars()
@@ -135,8 +164,9 @@ def quiet():
             enable_progress_bars()
 
 
-def make_partitions(pool: Dataset, data_cfg: C.DataConfig, num_clients: int, seed: int,
-                    column: str | None) -> list[Dataset]:
+def make_partitions(
+    pool: Dataset, data_cfg: C.DataConfig, num_clients: int, seed: int, column: str | None
+) -> list[Dataset]:
     """Every client's partition (index views of `pool`), or a DataError saying what to change.
 
     `column` is what the dirichlet/shards/natural partitioners split by (see
@@ -159,15 +189,20 @@ def make_partitions(pool: Dataset, data_cfg: C.DataConfig, num_clients: int, see
                     f"of the {num_clients} clients with fewer than `data.min_partition_size` "
                     f"= {data_cfg.min_partition_size} samples in 11 draws ({len(pool)} "
                     "samples to share); raise `data.dirichlet_alpha`, lower "
-                    "`data.min_partition_size`, use fewer clients or more data") from e
-            raise DataError(f"the {describe(data_cfg)} partitioner cannot split {len(pool)} "
-                            f"samples for {num_clients} clients: {e}") from e
+                    "`data.min_partition_size`, use fewer clients or more data"
+                ) from e
+            raise DataError(
+                f"the {describe(data_cfg)} partitioner cannot split {len(pool)} "
+                f"samples for {num_clients} clients: {e}"
+            ) from e
     for i, p in enumerate(out):
         if len(p) == 0:
-            raise DataError(f"client {i} has an empty partition ({describe(data_cfg)}, "
-                            f"{len(pool)} samples for {num_clients} clients); use fewer "
-                            "clients, more data, a larger `data.dirichlet_alpha` or "
-                            "`data.min_partition_size` >= 1")
+            raise DataError(
+                f"client {i} has an empty partition ({describe(data_cfg)}, "
+                f"{len(pool)} samples for {num_clients} clients); use fewer "
+                "clients, more data, a larger `data.dirichlet_alpha` or "
+                "`data.min_partition_size` >= 1"
+            )
     return out
 
 

@@ -24,16 +24,21 @@ def check_model(cfg: C.Config) -> tuple[object, list[str]]:
     limit, rope = M.position_limit(config)
     if limit and cfg.data.seq_len > limit:
         if rope:
-            warnings.append(f"`data.seq_len` = {cfg.data.seq_len} exceeds {cfg.model.name}'s "
-                            f"{limit} trained positions; its rotary embeddings will "
-                            "extrapolate (quality may drop)")
+            warnings.append(
+                f"`data.seq_len` = {cfg.data.seq_len} exceeds {cfg.model.name}'s "
+                f"{limit} trained positions; its rotary embeddings will "
+                "extrapolate (quality may drop)"
+            )
         else:
-            raise ConfigError([f"`data.seq_len` = {cfg.data.seq_len} exceeds the {limit} "
-                               f"positions {cfg.model.name} can embed; set data.seq_len <= "
-                               f"{limit}"])
+            raise ConfigError(
+                [
+                    f"`data.seq_len` = {cfg.data.seq_len} exceeds the {limit} "
+                    f"positions {cfg.model.name} can embed; set data.seq_len <= "
+                    f"{limit}"
+                ]
+            )
     if cfg.model.finetune == "lora":
-        M.check_lora_targets(M.module_names(cfg, config), cfg.lora.target_modules,
-                             cfg.model.name)
+        M.check_lora_targets(M.module_names(cfg, config), cfg.lora.target_modules, cfg.model.name)
     return M.load_tokenizer(cfg.model.name), warnings
 
 
@@ -47,8 +52,10 @@ def check_encoding(cfg: C.Config, tokenizer, test, parts) -> None:
         try:
             tasks.client_examples(cfg, pid, tokenizer, part=parts[pid])
         except DataError as err:
-            raise DataError(f"client {pid}'s partition ({len(parts[pid])} samples): {err}; use "
-                            "fewer clients, more data or a smaller `data.seq_len`") from None
+            raise DataError(
+                f"client {pid}'s partition ({len(parts[pid])} samples): {err}; use "
+                "fewer clients, more data or a smaller `data.seq_len`"
+            ) from None
 
 
 def preflight(cfg: C.Config, strict: bool = True) -> list[str]:

@@ -20,14 +20,26 @@ import tomli_w
 
 from fedtune import __version__
 from fedtune.config import Config, metric_mode
-from fedtune.partition import groups, histogram
+from fedtune.console import to_terminal
 from fedtune.errors import ConfigError
+from fedtune.files import atomic_write_json, atomic_write_text
+from fedtune.partition import groups, histogram
 
-LOGGER_NAME = "fedtune"
 # everything a run writes into its folder (a rerun with overwrite removes all of it)
-ARTEFACTS = ("config.toml", "metrics.jsonl", "summary.json", "partitions.json", "run.log",
-             "report.md", "report.html", "checkpoints", "final", "eval", "plots",
-             "tensorboard")
+ARTEFACTS = (
+    "config.toml",
+    "metrics.jsonl",
+    "summary.json",
+    "partitions.json",
+    "run.log",
+    "report.md",
+    "report.html",
+    "checkpoints",
+    "final",
+    "eval",
+    "plots",
+    "tensorboard",
+)
 FAILED = "failed"  # `status` of a metrics line that records a round attempt that failed
 
 
@@ -36,25 +48,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def read_metrics(run_dir: str | Path, failed: bool = False) -> list[dict]:
     """The rows of metrics.jsonl, one per completed round in round order (a half-written
     last line of a run in progress is skipped; a round written twice keeps its last line).
     `failed=True` returns every line as written, failed round attempts included."""
     path = Path(run_dir) / "metrics.jsonl"
     lines = []
-    for text in (path.read_text().splitlines() if path.is_file() else []):
+    for text in path.read_text().splitlines() if path.is_file() else []:
         try:
             row = json.loads(text)
         except ValueError:
@@ -74,8 +74,13 @@ def best_round(rows: list[dict], metric: str) -> dict | None:
     earliest round wins ties. The one rule summary.json, checkpoints/best, early stopping,
     reports and comparisons share."""
     sign = 1.0 if metric_mode(metric) == "min" else -1.0
-    scored = [r for r in rows if isinstance(r.get(metric), (int, float))
-              and not isinstance(r.get(metric), bool) and math.isfinite(r[metric])]
+    scored = [
+        r
+        for r in rows
+        if isinstance(r.get(metric), (int, float))
+        and not isinstance(r.get(metric), bool)
+        and math.isfinite(r[metric])
+    ]
     return min(scored, key=lambda r: (sign * r[metric], r["round"])) if scored else None
 
 
@@ -93,9 +98,13 @@ def clear_old_run(folder: Path, overwrite: bool) -> None:
     if not old:
         return
     if not overwrite:
-        raise ConfigError([f"run folder {folder} holds an earlier run and `output.overwrite` "
-                           "is false; choose another `output.dir`, set output.overwrite=true, "
-                           f"or continue it with: fedtune run --resume {folder}"])
+        raise ConfigError(
+            [
+                f"run folder {folder} holds an earlier run and `output.overwrite` "
+                "is false; choose another `output.dir`, set output.overwrite=true, "
+                f"or continue it with: fedtune run --resume {folder}"
+            ]
+        )
     for path in old:
         if path.is_dir():
             shutil.rmtree(path)
@@ -114,8 +123,10 @@ class RunFolder:
         self.dir.mkdir(parents=True, exist_ok=True)
         resolved = cfg.to_dict()
         resolved["output"]["resume"] = False  # the file re-runs the experiment from scratch
-        atomic_write_text(self.dir / "config.toml",
-                          f"# resolved config, hash {cfg.hash()}\n" + tomli_w.dumps(resolved))
+        atomic_write_text(
+            self.dir / "config.toml",
+            f"# resolved config, hash {cfg.hash()}\n" + tomli_w.dumps(resolved),
+        )
         self.metrics_path = self.dir / "metrics.jsonl"
         if not cfg.output.resume:
             self.metrics_path.write_text("")
@@ -149,9 +160,7 @@ class RunFolder:
 
 def _file_logger(path: Path) -> logging.Logger:
     """The `fedtune` logger writes to the terminal and to run.log of the current run."""
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    logger = to_terminal()
     for h in list(logger.handlers):
         if getattr(h, "_fedtune_run", False):
             logger.removeHandler(h)
@@ -160,11 +169,6 @@ def _file_logger(path: Path) -> logging.Logger:
     fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     fh._fedtune_run = True
     logger.addHandler(fh)
-    if not any(getattr(h, "_fedtune_console", False) for h in logger.handlers):
-        sh = logging.StreamHandler()
-        sh.setFormatter(logging.Formatter("[fedtune] %(message)s"))
-        sh._fedtune_console = True
-        logger.addHandler(sh)
     return logger
 
 
@@ -189,14 +193,20 @@ def summarize(rows: list[dict], wall_seconds: float, metric: str, extra: dict) -
     }
 
 
-def partition_report(parts, column: str | None = None, label_names=None,
-                     partitioner: str | None = None) -> dict:
+def partition_report(
+    parts, column: str | None = None, label_names=None, partitioner: str | None = None
+) -> dict:
     """partitions.json: per client the number of samples and, when `column` is set, the
     examples per label/group (how non-IID the split is). `partitioner`: a title such as
     `partition.describe(cfg.data)`."""
-    out = {"column": column, "groups": groups(parts, column, label_names), "clients": [
-        {"client": i, "num_examples": len(p), "histogram": histogram(p, column, label_names)}
-        for i, p in enumerate(parts)]}
+    out = {
+        "column": column,
+        "groups": groups(parts, column, label_names),
+        "clients": [
+            {"client": i, "num_examples": len(p), "histogram": histogram(p, column, label_names)}
+            for i, p in enumerate(parts)
+        ],
+    }
     return {"partitioner": partitioner, **out} if partitioner else out
 
 
@@ -217,18 +227,30 @@ def manifest(cfg: Config, parts) -> dict:
     commit = None
     try:
         here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], text=True,
-                                capture_output=True, timeout=5).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(here), "rev-parse", "HEAD"],
+                text=True,
+                capture_output=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         pass
     fingerprints = [getattr(p, "_fingerprint", str(len(p))) for p in parts]
     import torch
 
     return {
-        "fedtune_version": __version__, "git_commit": commit, "packages": versions,
-        "python": sys.version.split()[0], "platform": platform.platform(),
-        "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
+        "fedtune_version": __version__,
+        "git_commit": commit,
+        "packages": versions,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
         "config_hash": cfg.hash(),
         "partition_hash": hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest()[:12],
-        "seed": cfg.train.seed, "command": " ".join(sys.argv),
+        "seed": cfg.train.seed,
+        "command": " ".join(sys.argv),
     }

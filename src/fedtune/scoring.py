@@ -50,13 +50,19 @@ def _logits_from(model, seqs, pad, first_pos, precision):
 
 def _batches(order: list[int], batch_size: int):
     for i in range(0, len(order), batch_size):
-        yield order[i: i + batch_size]
+        yield order[i : i + batch_size]
 
 
 @torch.no_grad()
-def score_candidates(model, tokenizer, prompts: list[str], candidates: list[list[str]],
-                     batch_size: int = 8, precision: str = "fp32",
-                     add_eos: bool = False) -> list[list[float]]:
+def score_candidates(
+    model,
+    tokenizer,
+    prompts: list[str],
+    candidates: list[list[str]],
+    batch_size: int = 8,
+    precision: str = "fp32",
+    add_eos: bool = False,
+) -> list[list[float]]:
     """Summed log-probability of each candidate's tokens given its prompt (teacher forcing).
 
     Right padding keeps every real token at its unpadded position, so the scores do not
@@ -69,8 +75,10 @@ def score_candidates(model, tokenizer, prompts: list[str], candidates: list[list
     p_ids = [encode_prompt(tokenizer, p) for p in prompts]
     for p, ids in zip(prompts, p_ids):
         if not ids:
-            raise ValueError(f"prompt {p!r} encodes to no tokens: the first completion token "
-                             "would have no context to be scored from")
+            raise ValueError(
+                f"prompt {p!r} encodes to no tokens: the first completion token "
+                "would have no context to be scored from"
+            )
     c_ids = [[encode_completion(tokenizer, c, add_eos) for c in cs] for cs in candidates]
     scores = [[0.0] * len(cs) for cs in candidates]
 
@@ -89,13 +97,14 @@ def score_candidates(model, tokenizer, prompts: list[str], candidates: list[list
     order = sorted(range(len(items)), key=lambda k: -len(seqs[k]))  # longest first: OOM early
     for batch in _batches(order, batch_size):
         starts = [len(p_ids[items[k][0]]) for k in batch]  # position of the first target
-        ids, logits, off = _logits_from(model, [seqs[k] for k in batch], pad,
-                                        min(starts) - 1, precision)
+        ids, logits, off = _logits_from(
+            model, [seqs[k] for k in batch], pad, min(starts) - 1, precision
+        )
         for r, k in enumerate(batch):
             start, end = starts[r], len(seqs[k])
             if end == start:  # empty candidate: log 1
                 continue
-            logp = logits[r, start - 1 - off: end - 1 - off].float().log_softmax(-1)
+            logp = logits[r, start - 1 - off : end - 1 - off].float().log_softmax(-1)
             target = ids[r, start:end, None]
             i, j = items[k]
             scores[i][j] = logp.gather(1, target).sum().item()
@@ -117,8 +126,14 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int,
-                    batch_size: int = 8, precision: str = "fp32") -> list[str]:
+def generate_greedy(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    precision: str = "fp32",
+) -> list[str]:
     """Greedy continuation of each prompt (new text only, specials dropped, stripped).
 
     Prompts are encoded with `encode_prompt` (as in training) and LEFT-padded here, so every
@@ -134,14 +149,18 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int,
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for r, i in enumerate(batch):
-            ids[r, width - len(enc[i]):] = torch.tensor(enc[i], dtype=torch.long)
-            mask[r, width - len(enc[i]):] = 1
+            ids[r, width - len(enc[i]) :] = torch.tensor(enc[i], dtype=torch.long)
+            mask[r, width - len(enc[i]) :] = 1
         with autocast(precision, model.device):
-            gen = model.generate(input_ids=ids.to(model.device),
-                                 attention_mask=mask.to(model.device),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 use_cache=True,  # load_model turns the cache off for training
-                                 pad_token_id=pad, eos_token_id=eos or None)
+            gen = model.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,  # load_model turns the cache off for training
+                pad_token_id=pad,
+                eos_token_id=eos or None,
+            )
         for r, i in enumerate(batch):
             out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip()
     return out

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,8 +18,7 @@ from flwr.app import Context, RecordDict
 
 # Private Flower internals, checked against flwr 1.41.0 (tests/test_flower_internals.py
 # fails loudly when an upgrade moves them); nowhere else in fedtune.
-from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES, ErrorCode
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION_ID
@@ -43,17 +41,14 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS": "0",
 }
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
-
-def prepare(cfg: C.Config, echo=_stderr) -> None:
+def prepare(cfg: C.Config) -> None:
     """Work done once before any process starts, after `preflight.preflight` passed:
     quiet environment for the engine, the KD teacher trained (or found in its cache)."""
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     if cfg.kd.enabled:  # train (or find) the teacher once, before any client needs it
-        kd.ensure_teacher(cfg, log=lambda s: echo(f"[fedtune] {s}"))
+        kd.ensure_teacher(cfg)
 
 
 def set_task_identity(run_id: int) -> None:
@@ -72,11 +67,14 @@ def run_simulation(cfg: C.Config) -> dict:
     run.federation_id = NOOP_FEDERATION_ID
     run.override_config = run_config
     set_task_identity(run_id)
-    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=dict(run_config))
+    context = Context(
+        run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
+    )
     backend_config = {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus,
-                             "num_gpus": cfg.federation.client_gpus},
+        "client_resources": {
+            "num_cpus": cfg.federation.client_cpus,
+            "num_gpus": cfg.federation.client_gpus,
+        },
         "init_args": {"include_dashboard": False},
     }
     app_dir = Path(tempfile.mkdtemp(prefix="fedtune-app-"))
@@ -85,14 +83,19 @@ def run_simulation(cfg: C.Config) -> dict:
         _run_simulation(
             num_supernodes=cfg.federation.num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client.app, server_app=server.app,
-            backend_config=backend_config, server_app_context=context,
-            app_dir=str(app_dir), run=run, is_app=True,
+            client_app=client.app,
+            server_app=server.app,
+            backend_config=backend_config,
+            server_app_context=context,
+            app_dir=str(app_dir),
+            run=run,
+            is_app=True,
         )
     finally:
         shutil.rmtree(app_dir, ignore_errors=True)
     summary_path = Path(cfg.output.dir).expanduser().absolute() / "summary.json"
     if not summary_path.exists():
-        raise RunError(f"the simulation ended without writing {summary_path}; see run.log "
-                       "in that folder")
+        raise RunError(
+            f"the simulation ended without writing {summary_path}; see run.log in that folder"
+        )
     return json.loads(summary_path.read_text())

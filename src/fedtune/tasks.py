@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import string
 
 import torch
@@ -25,25 +24,37 @@ import torch
 from fedtune import assets, data
 from fedtune.config import Config, TaskConfig
 from fedtune.errors import DataError
+from fedtune.files import atomic_path
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
 ALPACA_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides "
     "further context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
-         "system": "system"}
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 
 # ---------------------------------------------------------------- tokenization rules
 # Why one rule for training and scoring: a prompt and its completion are tokenized
 # separately and concatenated, so the tokens scored at evaluation are exactly the tokens
 # trained on, whatever merges the tokenizer would have made across the boundary.
+
 
 def _appends_eos(tokenizer) -> bool:
     """Does the tokenizer add an EOS after the text (most do not; some Llama setups do)?"""
@@ -125,19 +136,24 @@ def class_index(value, label_names: list[str], where: str) -> int:
         if value.strip().lstrip("-").isdigit():
             value = int(value)
         else:
-            raise DataError(f"{where}: label {value!r} is not one of `task.label_names` "
-                            f"{label_names}")
+            raise DataError(
+                f"{where}: label {value!r} is not one of `task.label_names` {label_names}"
+            )
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(label_names):
-        raise DataError(f"{where}: label {value!r} is outside 0..{len(label_names) - 1} "
-                        f"(`task.label_names` = {label_names}); unlabelled rows (e.g. GLUE "
-                        "test splits use -1) cannot train or evaluate: use a labelled split")
+        raise DataError(
+            f"{where}: label {value!r} is outside 0..{len(label_names) - 1} "
+            f"(`task.label_names` = {label_names}); unlabelled rows (e.g. GLUE "
+            "test splits use -1) cannot train or evaluate: use a labelled split"
+        )
     return value
 
 
 # ---------------------------------------------------------------- token sequences
 
-def build_sequence(tokenizer, segments: list[tuple[str, bool]], seq_len: int,
-                   eos_after_response: bool = True) -> dict | None:
+
+def build_sequence(
+    tokenizer, segments: list[tuple[str, bool]], seq_len: int, eos_after_response: bool = True
+) -> dict | None:
     """Tokens and labels of (text, is_response) segments; None if no response token fits.
 
     Prompt tokens get label -100. Too long: cut the first prompt from the left (its end,
@@ -162,8 +178,8 @@ def build_sequence(tokenizer, segments: list[tuple[str, bool]], seq_len: int,
         overflow = start + keep - seq_len  # prompt tokens to drop so `keep` fit
         if overflow > 0:
             head = 1 if ids and ids[0] == tokenizer.bos_token_id else 0  # keep a BOS
-            ids = ids[:head] + ids[head + overflow:]
-            labels = labels[:head] + labels[head + overflow:]
+            ids = ids[:head] + ids[head + overflow :]
+            labels = labels[:head] + labels[head + overflow :]
         ids, labels = ids[:seq_len], labels[:seq_len]
     if all(x == IGNORE for x in labels):
         return None
@@ -171,6 +187,7 @@ def build_sequence(tokenizer, segments: list[tuple[str, bool]], seq_len: int,
 
 
 # ---------------------------------------------------------------- per-task rows -> segments
+
 
 def alpaca_prompt(instruction: str, inp: str) -> str:
     return (ALPACA_INPUT if inp else ALPACA_NO_INPUT).format(instruction=instruction, input=inp)
@@ -185,8 +202,10 @@ def _chat_turns(turns, where: str) -> list[dict]:
         role = turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
         content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
         if role not in ROLES or not isinstance(content, str):
-            raise DataError(f"{where}: a chat turn must have role/content or from/value with a "
-                            f"known role ({', '.join(sorted(ROLES))}); got {turn!r:.120}")
+            raise DataError(
+                f"{where}: a chat turn must have role/content or from/value with a "
+                f"known role ({', '.join(sorted(ROLES))}); got {turn!r:.120}"
+            )
         out.append({"role": ROLES[role], "content": content})
     return out
 
@@ -197,8 +216,10 @@ def instruction_segments(row: dict, t: TaskConfig, tokenizer, where: str):
         inp = row.get(t.input_column) or "" if t.input_column else ""
         instr, out = row[t.instruction_column] or "", row[t.output_column] or ""
         if t.template == "chat":
-            turns = [{"role": "user", "content": f"{instr}\n\n{inp}" if inp else instr},
-                     {"role": "assistant", "content": out}]
+            turns = [
+                {"role": "user", "content": f"{instr}\n\n{inp}" if inp else instr},
+                {"role": "assistant", "content": out},
+            ]
             return chat_template_segments(turns, tokenizer), False
         return [(alpaca_prompt(instr, inp), False), (out, True)], True
     turns = _chat_turns(row[t.messages_column], where)
@@ -209,8 +230,11 @@ def instruction_segments(row: dict, t: TaskConfig, tokenizer, where: str):
         if turn["role"] == "system":
             system = turn["content"] + "\n\n"
         elif turn["role"] == "user":
-            text = (alpaca_prompt(turn["content"], "") if first else
-                    f"\n\n### Instruction:\n{turn['content']}\n\n### Response:\n")
+            text = (
+                alpaca_prompt(turn["content"], "")
+                if first
+                else f"\n\n### Instruction:\n{turn['content']}\n\n### Response:\n"
+            )
             segs.append((system + text if first else text, False))
             first = False
         else:
@@ -222,8 +246,10 @@ def chat_template_segments(turns: list[dict], tokenizer) -> list[tuple[str, bool
     """Render with the tokenizer's chat template; each assistant reply (with the template's
     end-of-turn marker) is a response segment, everything else prompt."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError("`task.template = \"chat\"` but this tokenizer has no chat template; "
-                        "use `task.template = \"alpaca\"`")
+        raise DataError(
+            '`task.template = "chat"` but this tokenizer has no chat template; '
+            'use `task.template = "alpaca"`'
+        )
 
     def render(msgs, gen):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
@@ -234,9 +260,11 @@ def chat_template_segments(turns: list[dict], tokenizer) -> list[tuple[str, bool
             continue
         prefix, full = render(turns[:i], True), render(turns[: i + 1], False)
         if not (prefix.startswith(done) and full.startswith(prefix)):
-            raise DataError("the tokenizer's chat template does not render turns as a growing "
-                            "prefix; use `task.template = \"alpaca\"`")
-        segs += [(prefix[len(done):], False), (full[len(prefix):], True)]
+            raise DataError(
+                "the tokenizer's chat template does not render turns as a growing "
+                'prefix; use `task.template = "alpaca"`'
+            )
+        segs += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
         done = full
     return segs
 
@@ -252,6 +280,7 @@ def label_text(t: TaskConfig, index: int) -> str:
 
 # ---------------------------------------------------------------- dataset -> examples
 
+
 def encode(ds, tokenizer, cfg: Config) -> list[dict]:
     """All examples of a dataset (a client partition or the server's test split)."""
     t, seq_len = cfg.task, cfg.data.seq_len
@@ -264,14 +293,19 @@ def encode(ds, tokenizer, cfg: Config) -> list[dict]:
         if t.type == "sequence-classification":
             texts = [row[c] for c in t.text_columns]
             enc = tokenizer(*texts, truncation=True, max_length=seq_len, verbose=False)
-            ex = {"input_ids": list(enc["input_ids"]),
-                  "class_label": class_index(row[t.label_column], t.label_names, where)}
+            ex = {
+                "input_ids": list(enc["input_ids"]),
+                "class_label": class_index(row[t.label_column], t.label_names, where),
+            }
             if "token_type_ids" in enc:
                 ex["token_type_ids"] = list(enc["token_type_ids"])
         elif t.type == "prompt-classification":
             k = class_index(row[t.label_column], t.label_names, where)
-            ex = build_sequence(tokenizer, [(classification_prompt(row, t), False),
-                                            (label_text(t, k), True)], seq_len)
+            ex = build_sequence(
+                tokenizer,
+                [(classification_prompt(row, t), False), (label_text(t, k), True)],
+                seq_len,
+            )
             if ex is None:  # rows and examples must stay aligned for evaluation
                 raise DataError(f"{where}: the label does not fit in `data.seq_len` = {seq_len}")
             ex["class_label"] = k
@@ -286,9 +320,18 @@ def encode(ds, tokenizer, cfg: Config) -> list[dict]:
         else:
             examples.append(ex)
     if not examples:
-        raise DataError(f"none of the {len(ds)} rows gives a training example (no response "
-                        f"token fits in `data.seq_len` = {seq_len}, or empty responses)")
+        raise DataError(
+            f"none of the {len(ds)} rows gives a training example (no response "
+            f"token fits in `data.seq_len` = {seq_len}, or empty responses)"
+        )
     return examples
+
+
+def encode_test(test, tokenizer, cfg: Config) -> tuple[object, list[dict]]:
+    """(rows, examples) of the server's test split, cut to `eval.max_blocks`: the rows are
+    the first len(examples) rows (their labels and references), as `evaluate_task` needs."""
+    examples = encode(test, tokenizer, cfg)[: cfg.eval.max_blocks or None]
+    return test.select(range(min(len(test), len(examples)))), examples
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -298,10 +341,12 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     def pad(key, value):
         return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples])
 
-    batch = {"input_ids": pad("input_ids", pad_id),
-             "attention_mask": torch.tensor([[1] * len(e["input_ids"]) +
-                                             [0] * (width - len(e["input_ids"]))
-                                             for e in examples])}
+    batch = {
+        "input_ids": pad("input_ids", pad_id),
+        "attention_mask": torch.tensor(
+            [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
+        ),
+    }
     if "token_type_ids" in examples[0]:
         batch["token_type_ids"] = pad("token_type_ids", 0)
     if "labels" in examples[0]:
@@ -315,8 +360,8 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- one client's examples
 
-def client_examples(cfg: Config, pid: int, tokenizer, data_path: str = "",
-                    part=None) -> list[dict]:
+
+def client_examples(cfg: Config, pid: int, tokenizer, data_path: str = "", part=None) -> list[dict]:
     """Client `pid`'s encoded examples: its partition of the shared source, or all of its
     own `data-path` (a SuperNode's local data), cached on disk under
     $FEDTUNE_CACHE/examples because Flower's deployment runtime starts a fresh process for
@@ -330,26 +375,38 @@ def client_examples(cfg: Config, pid: int, tokenizer, data_path: str = "",
         part = _load_partition(cfg, pid, data_path)
     if stamp is None:
         stamp = part._fingerprint
-    key = (repr(cfg.data), repr(cfg.task), stamp, cfg.model.name, cfg.train.seed,
-           cfg.federation.num_clients, pid, data_path,
-           cfg.kd.teacher_data_pct)  # the public slice is cut from the pool before partitioning
-    disk = assets.cache_dir() / "examples" / (
-        hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".pt")
+    key = (
+        repr(cfg.data),
+        repr(cfg.task),
+        stamp,
+        cfg.model.name,
+        cfg.train.seed,
+        cfg.federation.num_clients,
+        pid,
+        data_path,
+        cfg.kd.teacher_data_pct,
+    )  # the public slice is cut from the pool before partitioning
+    disk = (
+        assets.cache_dir()
+        / "examples"
+        / (hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".pt")
+    )
     if disk.exists():
         return torch.load(disk)
-    examples = encode(part if part is not None else _load_partition(cfg, pid, data_path),
-                      tokenizer, cfg)
+    examples = encode(
+        part if part is not None else _load_partition(cfg, pid, data_path), tokenizer, cfg
+    )
     disk.parent.mkdir(parents=True, exist_ok=True)
-    tmp = disk.with_suffix(f".tmp{os.getpid()}")
-    torch.save(examples, tmp)
-    os.replace(tmp, disk)
+    with atomic_path(disk) as tmp:
+        torch.save(examples, tmp)
     return examples
 
 
 def _load_partition(cfg: Config, pid: int, data_path: str):
     if data_path:
-        part = data.load_source(dataclasses.replace(cfg.data, source=data_path),
-                                required_columns(cfg))
+        part = data.load_source(
+            dataclasses.replace(cfg.data, source=data_path), required_columns(cfg)
+        )
         if len(part) == 0:
             raise DataError(f"data-path {data_path} holds no samples")
         return part

@@ -11,8 +11,11 @@ from pathlib import Path
 
 
 def _numeric(row: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in row.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round"}
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round"
+    }
 
 
 class TensorBoard:
@@ -51,8 +54,9 @@ class WandB:
     def __init__(self, run_dir: Path, cfg):
         import wandb
 
-        self.run = wandb.init(project="fedtune", name=Path(run_dir).name,
-                              config=cfg.to_dict(), dir=str(run_dir))
+        self.run = wandb.init(
+            project="fedtune", name=Path(run_dir).name, config=cfg.to_dict(), dir=str(run_dir)
+        )
 
     def log(self, row: dict) -> None:
         self.run.log(_numeric(row), step=int(row["round"]))

@@ -6,6 +6,7 @@ of steps and the FedProx term, so they are plain arguments here, not hidden in a
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ import torch
 from fedtune.config import TrainConfig
 from fedtune.model import autocast
 from fedtune.tasks import IGNORE, collate
+
+log = logging.getLogger(__name__)
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -62,16 +65,25 @@ def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> to
 
 @dataclass
 class TrainResult:
-    loss: float          # mean task loss per target (token or example), without the prox term
+    loss: float  # mean task loss per target (token or example), without the prox term
     steps: int
-    samples: int         # examples trained on (with repeats across epochs)
-    tokens: int          # non-padding tokens trained on
+    samples: int  # examples trained on (with repeats across epochs)
+    tokens: int  # non-padding tokens trained on
     seconds: float
 
 
-def train_local(model, examples: list[dict], cfg: TrainConfig, lr: float, proximal_mu: float,
-                seed: int, pad_id: int = 0, log_every: int = 0, log=print,
-                loss_fn=None) -> TrainResult:
+def train_local(
+    model,
+    examples: list[dict],
+    cfg: TrainConfig,
+    lr: float,
+    proximal_mu: float,
+    seed: int,
+    pad_id: int = 0,
+    log_every: int = 0,
+    log_prefix: str = "",
+    loss_fn=None,
+) -> TrainResult:
     """Train `model` in place on `examples` (see fedtune.tasks) for this round's steps.
 
     The task loss is `model(**batch).loss` (the masks in the batch decide which tokens
@@ -104,10 +116,11 @@ def train_local(model, examples: list[dict], cfg: TrainConfig, lr: float, proxim
         for _ in range(cfg.grad_accum):
             if cursor >= len(order):  # next epoch: a fresh permutation
                 order, cursor = torch.randperm(len(examples), generator=gen), 0
-            picked = [examples[i] for i in order[cursor: cursor + cfg.batch_size].tolist()]
+            picked = [examples[i] for i in order[cursor : cursor + cfg.batch_size].tolist()]
             cursor += cfg.batch_size
-            window.append((len(picked), {k: v.to(model.device)
-                                         for k, v in collate(picked, pad_id).items()}))
+            window.append(
+                (len(picked), {k: v.to(model.device) for k, v in collate(picked, pad_id).items()})
+            )
         counts = [target_count(batch) for _, batch in window]
         total_targets = max(sum(counts), 1)
         for i, ((n_picked, batch), count) in enumerate(zip(window, counts)):
@@ -126,7 +139,14 @@ def train_local(model, examples: list[dict], cfg: TrainConfig, lr: float, proxim
         opt.step()
         opt.zero_grad(set_to_none=True)
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-            log(f"step {step + 1}/{steps} loss {loss_sum / max(targets_seen, 1):.4f}")
+            log.info(
+                f"{log_prefix}step {step + 1}/{steps} loss {loss_sum / max(targets_seen, 1):.4f}"
+            )
     seconds = time.perf_counter() - t0
-    return TrainResult(loss=loss_sum / max(targets_seen, 1), steps=steps, samples=samples,
-                       tokens=tokens, seconds=seconds)
+    return TrainResult(
+        loss=loss_sum / max(targets_seen, 1),
+        steps=steps,
+        samples=samples,
+        tokens=tokens,
+        seconds=seconds,
+    )

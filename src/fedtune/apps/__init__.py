@@ -11,7 +11,6 @@ from pathlib import Path
 
 from fedtune import config as C
 
-
 APP_PYPROJECT = """[project]
 name = "fedtune-run"
 version = "1.0.0"
@@ -46,8 +45,12 @@ def find_recipe(path: str) -> Path:
         candidate = Path(entry or ".") / p
         if candidate.is_file():
             return candidate
-    raise C.ConfigError([f"recipe file not found: {path} (looked in the working directory "
-                         "and the Flower app folder)"])
+    raise C.ConfigError(
+        [
+            f"recipe file not found: {path} (looked in the working directory "
+            "and the Flower app folder)"
+        ]
+    )
 
 
 def config_from_run_config(run_config) -> C.Config:

@@ -41,9 +41,16 @@ class ProcessCache:
 def model_key(cfg: Config) -> str:
     """Everything `model.load_model` builds from: the base model and dtype, LoRA, the task
     (causal LM or a classifier with its labels: another class and head) and the seed."""
-    return json.dumps({"model": asdict(cfg.model), "lora": asdict(cfg.lora),
-                       "task": cfg.task.type, "labels": cfg.task.label_names,
-                       "seed": cfg.train.seed}, sort_keys=True)
+    return json.dumps(
+        {
+            "model": asdict(cfg.model),
+            "lora": asdict(cfg.lora),
+            "task": cfg.task.type,
+            "labels": cfg.task.label_names,
+            "seed": cfg.train.seed,
+        },
+        sort_keys=True,
+    )
 
 
 CACHE = ProcessCache()

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from fedtune import kd, model as M, tasks
 from fedtune.apps import config_from_run_config
 from fedtune.apps.cache import CACHE, model_key
+from fedtune.console import to_terminal
 from fedtune.data import source_stamp
 from fedtune.errors import DataError
 from fedtune.results import peak_rss_mb
@@ -36,18 +37,32 @@ def train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     rnd, mu = int(conf["server-round"]), float(conf.get("proximal-mu", 0.0))
     result = train_local(
-        model, examples, cfg.train, lr=float(conf["lr"]), proximal_mu=mu,
-        seed=client_seed(cfg.train.seed, rnd, pid), pad_id=tokenizer.pad_token_id,
+        model,
+        examples,
+        cfg.train,
+        lr=float(conf["lr"]),
+        proximal_mu=mu,
+        seed=client_seed(cfg.train.seed, rnd, pid),
+        pad_id=tokenizer.pad_token_id,
         loss_fn=loss_fn,
         log_every=max(1, cfg.train.local_steps // 4) if cfg.train.local_steps else 10,
-        log=lambda s: print(f"[client {pid}] round {rnd} {s}", flush=True))
-    metrics = MetricRecord({
-        "num-examples": len(examples),  # FedAvg weight: the client's data size in examples
-        "train_loss": result.loss, "train_steps": result.steps,
-        "train_samples": result.samples, "train_tokens": result.tokens,
-        "train_seconds": result.seconds, "proximal_mu": mu,
-        "process_age_seconds": process_age, "peak_rss_mb": peak_rss_mb(),
-        "partition_id": pid, **setup})
+        log_prefix=f"[client {pid}] round {rnd} ",
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": len(examples),  # FedAvg weight: the client's data size in examples
+            "train_loss": result.loss,
+            "train_steps": result.steps,
+            "train_samples": result.samples,
+            "train_tokens": result.tokens,
+            "train_seconds": result.seconds,
+            "proximal_mu": mu,
+            "process_age_seconds": process_age,
+            "peak_rss_mb": peak_rss_mb(),
+            "partition_id": pid,
+            **setup,
+        }
+    )
     return Message(RecordDict({"arrays": M.to_arrays(model), "metrics": metrics}), reply_to=msg)
 
 
@@ -62,8 +77,10 @@ def partition_id(context: Context, cfg) -> int:
     pid = int(context.node_config["partition-id"])
     n = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
     if n != cfg.federation.num_clients:
-        raise DataError(f"this SuperNode says num-partitions={n} but the recipe has "
-                        f"federation.num_clients={cfg.federation.num_clients}")
+        raise DataError(
+            f"this SuperNode says num-partitions={n} but the recipe has "
+            f"federation.num_clients={cfg.federation.num_clients}"
+        )
     if not 0 <= pid < n:
         raise DataError(f"partition-id {pid} is outside 0..{n - 1}")
     return pid
@@ -71,26 +88,48 @@ def partition_id(context: Context, cfg) -> int:
 
 def client_setup(cfg, pid: int, context: Context):
     """(model, tokenizer, examples, loss_fn, timing metrics), from the process cache."""
+    to_terminal()  # Flower started this process, not the CLI: fedtune's log lines need it
     if cfg.federation.client_threads:
         torch.set_num_threads(cfg.federation.client_threads)
     t0 = time.perf_counter()
     (model, tokenizer), loaded = CACHE.get(
-        "model", model_key(cfg), lambda: (M.load_model(cfg), M.load_tokenizer(cfg.model.name)))
+        "model", model_key(cfg), lambda: (M.load_model(cfg), M.load_tokenizer(cfg.model.name))
+    )
     t1 = time.perf_counter()
     data_path = str(context.node_config.get("data-path", ""))
     src = dataclasses.replace(cfg.data, source=data_path) if data_path else cfg.data
     examples, _ = CACHE.get(
-        "examples", (model_key(cfg), repr(cfg.data), repr(cfg.task), repr(cfg.kd),
-                     cfg.federation.num_clients, pid, data_path, source_stamp(src)),
-        lambda: tasks.client_examples(cfg, pid, tokenizer, data_path), keep=64)
+        "examples",
+        (
+            model_key(cfg),
+            repr(cfg.data),
+            repr(cfg.task),
+            repr(cfg.kd),
+            cfg.federation.num_clients,
+            pid,
+            data_path,
+            source_stamp(src),
+        ),
+        lambda: tasks.client_examples(cfg, pid, tokenizer, data_path),
+        keep=64,
+    )
     t2 = time.perf_counter()
     loss_fn = None
     if cfg.kd.enabled:
         teacher, _ = CACHE.get("teacher", kd.teacher_key(cfg), lambda: kd.load_teacher(cfg))
         loss_fn = kd.loss_fn(teacher, cfg)
-    return model, tokenizer, examples, loss_fn, {
-        "setup_seconds": t2 - t0, "model_load_seconds": t1 - t0, "data_seconds": t2 - t1,
-        "model_loaded": int(loaded)}  # 0 when the process kept the model of an earlier round
+    return (
+        model,
+        tokenizer,
+        examples,
+        loss_fn,
+        {
+            "setup_seconds": t2 - t0,
+            "model_load_seconds": t1 - t0,
+            "data_seconds": t2 - t1,
+            "model_loaded": int(loaded),
+        },
+    )  # 0 when the process kept the model of an earlier round
 
 
 def process_age_seconds() -> float:
