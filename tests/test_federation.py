@@ -9,10 +9,11 @@ import pytest
 from fedtune import config as C, data, federation, model as M, tasks
 from fedtune.checkpoint import latest, load_weights
 from fedtune.errors import RunError
-from fedtune.federation import build_strategy, run_federation
+from fedtune.federation import run_federation
 from fedtune.inprocess import InProcessGrid
 from fedtune.nodes import short_reason
 from fedtune.results import read_metrics
+from fedtune.rounds import build_strategy
 from fedtune.train import sampling_seed
 from grids import FailingGrid, RecordingGrid
 

@@ -11,9 +11,9 @@ and FedAdam's moments behave exactly as in Flower. It reads as four steps: setup
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
+from typing import NoReturn
 
 import torch
 from flwr.app import ConfigRecord
@@ -25,113 +25,20 @@ from fedtune.nodes import NodeDirectory, short_reason
 from fedtune.report import fmt, write_plots, write_report
 from fedtune.results import (
     RunFolder,
-    best_round,
     manifest,
     partition_report,
     peak_rss_mb,
     summarize,
 )
+from fedtune.rounds import (
+    BestTracker,
+    EarlyStopping,
+    build_strategy,
+    headline,
+    payload_bytes,
+    round_row,
+)
 from fedtune.train import lr_for_round, sampling_seed
-
-
-def build_strategy(cfg: C.Config):
-    """A Flower strategy by name; federation settings fill the sampling arguments."""
-    fed = cfg.federation
-    return C.strategy_class(cfg.strategy.name)(
-        fraction_train=fed.fraction,
-        fraction_evaluate=0.0,  # centralized evaluation only: no extra round trip
-        min_train_nodes=1,
-        min_evaluate_nodes=0,
-        min_available_nodes=fed.num_clients,  # wait until every SuperNode is connected
-        **cfg.strategy.params,
-    )
-
-
-def payload_bytes(message) -> int:
-    """Bytes of the ArrayRecords a message carries (what dominates the wire)."""
-    return sum(rec.count_bytes() for rec in message.content.array_records.values())
-
-
-class BestTracker:
-    """The best round so far by one metric (`results.best_round`'s rule)."""
-
-    def __init__(self, metric: str):
-        self.metric, self.row = metric, None
-
-    def update(self, row: dict) -> bool:
-        """Feed a round's row; True when it is the new best."""
-        best = best_round([r for r in (self.row, row) if r is not None], self.metric)
-        if best is row:
-            self.row = row
-            return True
-        return False
-
-
-class EarlyStopping:
-    """Patience on a centralized metric; its whole state is derivable from the metric rows."""
-
-    def __init__(self, spec: C.EarlyStoppingConfig, metric: str):
-        self.metric = metric
-        self.patience, self.min_delta = spec.patience, spec.min_delta
-        self.sign = 1.0 if C.metric_mode(metric) == "min" else -1.0
-        self.best, self.best_round, self.bad = math.inf, None, 0
-
-    def update(self, row: dict) -> None:
-        value = row.get(self.metric)
-        if (
-            value is not None
-            and math.isfinite(value)
-            and self.sign * value < self.best - self.min_delta
-        ):
-            self.best, self.best_round, self.bad = self.sign * value, row["round"], 0
-        else:
-            self.bad += 1
-
-    def should_stop(self) -> bool:
-        return bool(self.patience) and self.bad >= self.patience
-
-    def reason(self) -> str:
-        return (
-            f"early stopping: {self.metric} did not improve by more than {self.min_delta} "
-            f"for {self.patience} rounds (best round {self.best_round})"
-        )
-
-
-def _round_row(rnd, lr, messages, ok, bytes_down, t_train) -> dict:
-    cm = [r.content["metrics"] for r in ok]
-    n = sum(m["num-examples"] for m in cm)
-
-    def most(key):
-        return max((m[key] for m in cm), default=0.0)
-
-    samples = sum(int(m["train_samples"]) for m in cm)
-    tokens = sum(int(m["train_tokens"]) for m in cm)
-    return {
-        "round": rnd,
-        "lr": lr,
-        "train_loss": sum(m["train_loss"] * m["num-examples"] for m in cm) / n if n else None,
-        "clients_sampled": len(messages),
-        "clients_ok": len(ok),
-        "clients_failed": len(messages) - len(ok),
-        "train_samples": samples,
-        "train_tokens": tokens,
-        # throughput of the training phase as the server's clock sees it (clients in
-        # parallel or one after another, setup and transfer included)
-        "samples_per_s": samples / t_train if t_train else 0.0,
-        "tokens_per_s": tokens / t_train if t_train else 0.0,
-        "client_train_seconds_max": most("train_seconds"),
-        "client_train_seconds_sum": sum(m["train_seconds"] for m in cm),
-        "client_setup_seconds_max": most("setup_seconds"),
-        "client_model_load_seconds_max": most("model_load_seconds"),
-        "client_data_seconds_max": most("data_seconds"),
-        "client_process_age_seconds_max": most("process_age_seconds"),
-        "client_model_loads": sum(int(m["model_loaded"]) for m in cm),
-        "client_proximal_mu": most("proximal_mu"),  # what the clients added (FedProx)
-        "bytes_down": bytes_down,
-        "bytes_up": sum(payload_bytes(r) for r in ok),
-        "train_phase_seconds": t_train,
-        "client_peak_rss_mb": most("peak_rss_mb"),
-    }
 
 
 class ServerLoop:
@@ -206,38 +113,10 @@ class ServerLoop:
             return self.finish()
 
     def run_round(self, rnd: int) -> dict:
-        """configure -> send/receive -> aggregate -> evaluate; a round with fewer than
-        `federation.min_clients` replies is recorded and retried, then the run stops."""
-        fed = self.cfg.federation
+        """configure -> send/receive -> aggregate -> evaluate."""
         t_round = time.perf_counter()
-        lr = lr_for_round(rnd, fed.rounds, self.cfg.train)
-        for attempt in range(fed.max_round_retries + 1):
-            messages = self.configure(rnd, attempt, lr)
-            bytes_down = sum(payload_bytes(m) for m in messages)
-            replies = list(self.grid.send_and_receive(messages))
-            ok = [r for r in replies if not r.has_error()]
-            for r in ok:
-                self.nodes.learn(r.metadata.src_node_id, int(r.content["metrics"]["partition_id"]))
-            failures = self.failures(messages, replies)
-            head = {
-                "round": rnd,
-                "attempt": attempt,
-                "sampled_partitions": self.nodes.partitions(
-                    m.metadata.dst_node_id for m in messages
-                ),
-                "failures": failures,
-            }
-            if len(ok) >= fed.min_clients:
-                break
-            self.run.append(
-                head | {"status": "failed", "clients_sampled": len(messages), "clients_ok": len(ok)}
-            )
-            self.log.info(
-                f"round {rnd} attempt {attempt + 1}: {len(ok)} of {len(messages)} "
-                f"clients replied (federation.min_clients = {fed.min_clients})"
-            )
-        else:
-            self.fail(rnd, head["failures"], len(ok), len(messages))
+        lr = lr_for_round(rnd, self.cfg.federation.rounds, self.cfg.train)
+        messages, ok, bytes_down, head = self.send_and_receive(rnd, lr)
         new_arrays, _ = self.strategy.aggregate_train(rnd, ok)
         t_train = time.perf_counter() - t_round
         if new_arrays is not None:
@@ -246,13 +125,44 @@ class ServerLoop:
             # (a numpy scalar in their step), which would double every later message and
             # make a resumed run (restarted from the model) differ from an uninterrupted one.
             self.arrays = M.to_arrays(self.model)
-        row = head | _round_row(rnd, lr, messages, ok, bytes_down, t_train)
-        del replies, ok
+        row = head | round_row(rnd, lr, messages, ok, bytes_down, t_train)
+        del ok  # the replies' tensors, before evaluation needs memory
         row |= self.evaluate(rnd)
         return row | {
             "round_seconds": time.perf_counter() - t_round,
             "server_peak_rss_mb": peak_rss_mb(),
         }
+
+    def send_and_receive(self, rnd: int, lr: float) -> tuple[list, list, int, dict]:
+        """(messages, replies without error, bytes sent, the row's head) of a round; one
+        with fewer than `federation.min_clients` replies is recorded and retried, then the
+        run stops."""
+        fed = self.cfg.federation
+        for attempt in range(fed.max_round_retries + 1):
+            messages = self.configure(rnd, attempt, lr)
+            bytes_down = sum(payload_bytes(m) for m in messages)
+            replies = list(self.grid.send_and_receive(messages))
+            ok = [r for r in replies if not r.has_error()]
+            for r in ok:
+                self.nodes.learn(r.metadata.src_node_id, int(r.content["metrics"]["partition_id"]))
+            head = {
+                "round": rnd,
+                "attempt": attempt,
+                "sampled_partitions": self.nodes.partitions(
+                    m.metadata.dst_node_id for m in messages
+                ),
+                "failures": self.failures(messages, replies),
+            }
+            if len(ok) >= fed.min_clients:
+                return messages, ok, bytes_down, head
+            self.run.append(
+                head | {"status": "failed", "clients_sampled": len(messages), "clients_ok": len(ok)}
+            )
+            self.log.info(
+                f"round {rnd} attempt {attempt + 1}: {len(ok)} of {len(messages)} "
+                f"clients replied (federation.min_clients = {fed.min_clients})"
+            )
+        self.fail(rnd, head["failures"], len(ok), len(messages))
 
     def configure(self, rnd: int, attempt: int, lr: float) -> list:
         """The strategy's own messages, over nodes sorted by partition id with `random`
@@ -289,7 +199,7 @@ class ServerLoop:
             self.log.info(f"client {f['partition']} (node {f['node']}) failed: {f['error']}")
         return sorted(out, key=lambda f: (f["partition"] is None, f["partition"] or 0))
 
-    def fail(self, rnd: int, failures: list[dict], n_ok: int, n_sampled: int) -> None:
+    def fail(self, rnd: int, failures: list[dict], n_ok: int, n_sampled: int) -> NoReturn:
         """Stop the run: keep a checkpoint of the last good round, raise one clear line."""
         last = self.run.rows[-1]
         if self.cfg.output.save_every and last["round"] > self.saved_round:
@@ -432,20 +342,3 @@ class ServerLoop:
 def run_federation(grid, cfg: C.Config) -> dict:
     """Run (or resume) every round against `grid`; return the summary in summary.json."""
     return ServerLoop(grid, cfg).run_all()
-
-
-HEADLINE = (
-    "eval_loss",
-    "eval_ppl",
-    "eval_accuracy",
-    "eval_gen_accuracy",
-    "eval_rougeL",
-    "eval_f1_macro",
-    "eval_mcc",
-    "eval_mmlu_accuracy",
-)
-
-
-def headline(row: dict) -> str:
-    """The round's centralized metrics in one short line."""
-    return " ".join(f"{k[5:]} {row[k]:.4f}" for k in HEADLINE if row.get(k) is not None)

@@ -1,0 +1,130 @@
+"""The pieces of one round that the server loop composes: the strategy, the round's metrics
+line from the clients' replies, and the best-round and early-stopping bookkeeping.
+
+Why apart from the loop: each piece is a plain function or a small class fed metric rows,
+testable without a grid, so `federation.ServerLoop` reads as its four steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fedtune import config as C
+from fedtune.results import best_round
+
+
+def build_strategy(cfg: C.Config):
+    """A Flower strategy by name; federation settings fill the sampling arguments."""
+    fed = cfg.federation
+    return C.strategy_class(cfg.strategy.name)(
+        fraction_train=fed.fraction,
+        fraction_evaluate=0.0,  # centralized evaluation only: no extra round trip
+        min_train_nodes=1,
+        min_evaluate_nodes=0,
+        min_available_nodes=fed.num_clients,  # wait until every SuperNode is connected
+        **cfg.strategy.params,
+    )
+
+
+def payload_bytes(message) -> int:
+    """Bytes of the ArrayRecords a message carries (what dominates the wire)."""
+    return sum(rec.count_bytes() for rec in message.content.array_records.values())
+
+
+class BestTracker:
+    """The best round so far by one metric (`results.best_round`'s rule)."""
+
+    def __init__(self, metric: str):
+        self.metric, self.row = metric, None
+
+    def update(self, row: dict) -> bool:
+        """Feed a round's row; True when it is the new best."""
+        best = best_round([r for r in (self.row, row) if r is not None], self.metric)
+        if best is row:
+            self.row = row
+            return True
+        return False
+
+
+class EarlyStopping:
+    """Patience on a centralized metric; its whole state is derivable from the metric rows."""
+
+    def __init__(self, spec: C.EarlyStoppingConfig, metric: str):
+        self.metric = metric
+        self.patience, self.min_delta = spec.patience, spec.min_delta
+        self.sign = 1.0 if C.metric_mode(metric) == "min" else -1.0
+        self.best, self.best_round, self.bad = math.inf, None, 0
+
+    def update(self, row: dict) -> None:
+        value = row.get(self.metric)
+        if (
+            value is not None
+            and math.isfinite(value)
+            and self.sign * value < self.best - self.min_delta
+        ):
+            self.best, self.best_round, self.bad = self.sign * value, row["round"], 0
+        else:
+            self.bad += 1
+
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.bad >= self.patience
+
+    def reason(self) -> str:
+        return (
+            f"early stopping: {self.metric} did not improve by more than {self.min_delta} "
+            f"for {self.patience} rounds (best round {self.best_round})"
+        )
+
+
+def round_row(rnd, lr, messages, ok, bytes_down, t_train) -> dict:
+    cm = [r.content["metrics"] for r in ok]
+    n = sum(m["num-examples"] for m in cm)
+
+    def most(key):
+        return max((m[key] for m in cm), default=0.0)
+
+    samples = sum(int(m["train_samples"]) for m in cm)
+    tokens = sum(int(m["train_tokens"]) for m in cm)
+    return {
+        "round": rnd,
+        "lr": lr,
+        "train_loss": sum(m["train_loss"] * m["num-examples"] for m in cm) / n if n else None,
+        "clients_sampled": len(messages),
+        "clients_ok": len(ok),
+        "clients_failed": len(messages) - len(ok),
+        "train_samples": samples,
+        "train_tokens": tokens,
+        # throughput of the training phase as the server's clock sees it (clients in
+        # parallel or one after another, setup and transfer included)
+        "samples_per_s": samples / t_train if t_train else 0.0,
+        "tokens_per_s": tokens / t_train if t_train else 0.0,
+        "client_train_seconds_max": most("train_seconds"),
+        "client_train_seconds_sum": sum(m["train_seconds"] for m in cm),
+        "client_setup_seconds_max": most("setup_seconds"),
+        "client_model_load_seconds_max": most("model_load_seconds"),
+        "client_data_seconds_max": most("data_seconds"),
+        "client_process_age_seconds_max": most("process_age_seconds"),
+        "client_model_loads": sum(int(m["model_loaded"]) for m in cm),
+        "client_proximal_mu": most("proximal_mu"),  # what the clients added (FedProx)
+        "bytes_down": bytes_down,
+        "bytes_up": sum(payload_bytes(r) for r in ok),
+        "train_phase_seconds": t_train,
+        "client_peak_rss_mb": most("peak_rss_mb"),
+    }
+
+
+HEADLINE = (
+    "eval_loss",
+    "eval_ppl",
+    "eval_accuracy",
+    "eval_gen_accuracy",
+    "eval_rougeL",
+    "eval_f1_macro",
+    "eval_mcc",
+    "eval_mmlu_accuracy",
+)
+
+
+def headline(row: dict) -> str:
+    """The round's centralized metrics in one short line."""
+    return " ".join(f"{k[5:]} {row[k]:.4f}" for k in HEADLINE if row.get(k) is not None)
