@@ -34,11 +34,15 @@ class KilledInRound(InProcessGrid):
         super().__init__(cfg)
         self.kill_round = rnd
 
-    def send_and_receive(self, messages, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
-        if int(messages[0].content["config"]["server-round"]) >= self.kill_round:
+        if (
+            messages
+            and messages[0].metadata.message_type == MessageType.TRAIN
+            and (int(messages[0].content["config"]["server-round"]) >= self.kill_round)
+        ):
             raise Killed()
-        return super().send_and_receive(messages, timeout)
+        return super().push_messages(messages)
 
 
 class RecordingGrid(InProcessGrid):
@@ -48,21 +52,28 @@ class RecordingGrid(InProcessGrid):
         super().__init__(cfg)
         self.replies: dict[int, list[tuple[int, int, dict]]] = {}
         self.sent: dict[int, dict] = {}
+        self.round = 0
 
-    def send_and_receive(self, messages, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
-        rnd = int(messages[0].content["config"]["server-round"])
+        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+            return super().push_messages(messages)
+        self.round = rnd = int(messages[0].content["config"]["server-round"])
         self.sent[rnd] = {k: v.numpy().copy() for k, v in messages[0].content["arrays"].items()}
-        replies = super().send_and_receive(messages, timeout)
-        self.replies[rnd] = [
-            (
-                int(r.content["metrics"]["partition_id"]),
-                int(r.content["metrics"]["num-examples"]),
-                {k: v.numpy().copy() for k, v in r.content["arrays"].items()},
-            )
-            for r in replies
-            if not r.has_error()
-        ]
+        self.replies[rnd] = []
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
+        for r in replies:
+            if r.metadata.message_type == MessageType.TRAIN and not r.has_error():
+                self.replies[self.round].append(
+                    (
+                        int(r.content["metrics"]["partition_id"]),
+                        int(r.content["metrics"]["num-examples"]),
+                        {k: v.numpy().copy() for k, v in r.content["arrays"].items()},
+                    )
+                )
         return replies
 
 

@@ -55,6 +55,14 @@ def test_resume_after_a_stop_gives_the_same_metrics(tmp_path, tiny_model_dir, co
             assert rb[k] == pytest.approx(ra[k], rel=1e-5), (ra["round"], k)
     assert summary["resumed_from_round"] == 2
     assert summary["final"]["eval_loss"] == pytest.approx(a[-1]["eval_loss"], rel=1e-5)
+    # the server state holds the momentum (one model's worth), not a second copy of the
+    # weights the checkpoint already has
+    state = checkpoint.load_server_state(checkpoint.latest(tmp_path / "full")[1])["strategy"]
+    assert state["momentum_vector"] is not None
+    assert "current_arrays" not in state
+    _, folder = checkpoint.latest(tmp_path / "full")
+    trainable = sum(t.numel() * 4 for t in load_file(folder / "adapter_model.safetensors").values())
+    assert sum(m.nbytes for m in state["momentum_vector"]) == trainable
 
 
 def test_resume_without_momentum_state_would_differ(tmp_path, tiny_model_dir, code_jsonl):

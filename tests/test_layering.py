@@ -13,6 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedtune"
 # lowest first: config -> data -> tasks -> model -> train/evaluate -> federation -> apps -> cli
 LAYERS = [
     "errors",
+    "compress",
     "files",
     "metrics",
     "tracking",
@@ -43,6 +44,8 @@ LAYERS = [
     "report.run",
     "report.study",
     "report",
+    "aggregation",
+    "rounds",
     "federation",
     "apps",
     "apps.cache",

@@ -22,7 +22,10 @@ import torch
 from fedtune.errors import ConfigError, ModelError
 from fedtune.files import atomic_folder, atomic_write_json
 
-STRATEGY_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")  # Flower's strategies
+# Flower's strategies' own server state. Not `current_arrays`: it is the global model itself
+# (FedAvgM, which fedtune points at the arrays it sends) or re-read from the sent arrays every
+# round (FedOpt); a resumed run rebuilds it from the checkpoint's weights, never stores it twice.
+STRATEGY_STATE = ("momentum_vector", "m_t", "v_t")
 
 
 def _dir(run_dir: Path) -> Path:

@@ -16,9 +16,9 @@ import time
 from typing import NoReturn
 
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 
-from fedtune import checkpoint, config as C, model as M, partition, tasks, tracking
+from fedtune import aggregation, checkpoint, config as C, model as M, partition, tasks, tracking
 from fedtune.errors import RunError
 from fedtune.evaluate import evaluate_task, run_suites
 from fedtune.nodes import NodeDirectory, short_reason
@@ -63,6 +63,7 @@ class ServerLoop:
         )
         self.test_rows, self.test_examples = tasks.encode_test(test, self.tokenizer, cfg)
         self.strategy = build_strategy(cfg)
+        self.accumulate = getattr(torch, cfg.strategy.accumulate)
         self.metric = C.headline_metric(cfg)
         self.stopper = EarlyStopping(cfg.train.early_stopping, self.metric)
         keep = cfg.output.keep_best or self.stopper.patience
@@ -113,11 +114,12 @@ class ServerLoop:
             return self.finish()
 
     def run_round(self, rnd: int) -> dict:
-        """configure -> send/receive -> aggregate -> evaluate."""
+        """configure -> send/receive (folding replies as they arrive) -> aggregate ->
+        evaluate."""
         t_round = time.perf_counter()
         lr = lr_for_round(rnd, self.cfg.federation.rounds, self.cfg.train)
-        messages, ok, bytes_down, head = self.send_and_receive(rnd, lr)
-        new_arrays, _ = self.strategy.aggregate_train(rnd, ok)
+        messages, folded, received, head = self.send_and_receive(rnd, lr)
+        new_arrays = aggregation.aggregate(self.strategy, rnd, folded, messages[0])
         t_train = time.perf_counter() - t_round
         if new_arrays is not None:
             M.load_trainable_state(self.model, M.from_arrays(new_arrays))
@@ -125,44 +127,59 @@ class ServerLoop:
             # (a numpy scalar in their step), which would double every later message and
             # make a resumed run (restarted from the model) differ from an uninterrupted one.
             self.arrays = M.to_arrays(self.model)
-        row = head | round_row(rnd, lr, messages, ok, bytes_down, t_train)
-        del ok  # the replies' tensors, before evaluation needs memory
+            if isinstance(getattr(self.strategy, "current_arrays", None), ArrayRecord):
+                self.strategy.current_arrays = self.arrays  # FedAvgM: one copy, not two
+        del new_arrays, folded
+        row = head | round_row(rnd, lr, messages, received, t_train)
         row |= self.evaluate(rnd)
         return row | {
             "round_seconds": time.perf_counter() - t_round,
             "server_peak_rss_mb": peak_rss_mb(),
         }
 
-    def send_and_receive(self, rnd: int, lr: float) -> tuple[list, list, int, dict]:
-        """(messages, replies without error, bytes sent, the row's head) of a round; one
+    def send_and_receive(self, rnd: int, lr: float):
+        """(messages, the folded replies, what each reply said, the row's head) of a round:
+        replies are folded into a running mean as they arrive, never held together. A round
         with fewer than `federation.min_clients` replies is recorded and retried, then the
         run stops."""
         fed = self.cfg.federation
         for attempt in range(fed.max_round_retries + 1):
             messages = self.configure(rnd, attempt, lr)
-            bytes_down = sum(payload_bytes(m) for m in messages)
-            replies = list(self.grid.send_and_receive(messages))
-            ok = [r for r in replies if not r.has_error()]
-            for r in ok:
-                self.nodes.learn(r.metadata.src_node_id, int(r.content["metrics"]["partition_id"]))
+            folded, received, errors = aggregation.RunningMean(self.accumulate), [], []
+            for reply in aggregation.pull_as_they_arrive(self.grid, messages):
+                if reply.has_error():
+                    errors.append(reply)
+                    continue
+                metrics = dict(reply.content["metrics"])
+                self.nodes.learn(reply.metadata.src_node_id, int(metrics["partition_id"]))
+                received.append(
+                    metrics | {"bytes": payload_bytes(reply), "node": reply.metadata.src_node_id}
+                )
+                folded.add(reply.content["arrays"], float(metrics[aggregation.WEIGHT_KEY]))
+                del reply
             head = {
                 "round": rnd,
                 "attempt": attempt,
                 "sampled_partitions": self.nodes.partitions(
                     m.metadata.dst_node_id for m in messages
                 ),
-                "failures": self.failures(messages, replies),
+                "failures": self.failures(messages, errors, {r["node"] for r in received}),
             }
-            if len(ok) >= fed.min_clients:
-                return messages, ok, bytes_down, head
+            if len(received) >= fed.min_clients:
+                return messages, folded, received, head
             self.run.append(
-                head | {"status": "failed", "clients_sampled": len(messages), "clients_ok": len(ok)}
+                head
+                | {
+                    "status": "failed",
+                    "clients_sampled": len(messages),
+                    "clients_ok": len(received),
+                }
             )
             self.log.info(
-                f"round {rnd} attempt {attempt + 1}: {len(ok)} of {len(messages)} "
+                f"round {rnd} attempt {attempt + 1}: {len(received)} of {len(messages)} "
                 f"clients replied (federation.min_clients = {fed.min_clients})"
             )
-        self.fail(rnd, head["failures"], len(ok), len(messages))
+        self.fail(rnd, head["failures"], len(received), len(messages))
 
     def configure(self, rnd: int, attempt: int, lr: float) -> list:
         """The strategy's own messages, over nodes sorted by partition id with `random`
@@ -174,17 +191,16 @@ class ServerLoop:
             self.strategy.configure_train(rnd, self.arrays, train_config, self.nodes.sorted_view())
         )
 
-    def failures(self, messages, replies) -> list[dict]:
+    def failures(self, messages, errors, ok_nodes: set) -> list[dict]:
         """Who failed and why: error replies, and sampled clients that never replied."""
-        answered = {r.metadata.src_node_id for r in replies}
+        answered = ok_nodes | {r.metadata.src_node_id for r in errors}
         out = [
             {
                 "partition": self.nodes.partition_of.get(r.metadata.src_node_id),
                 "node": r.metadata.src_node_id,
                 "error": short_reason(r.error.reason),
             }
-            for r in replies
-            if r.has_error()
+            for r in errors
         ]
         out += [
             {

@@ -76,8 +76,9 @@ class EarlyStopping:
         )
 
 
-def round_row(rnd, lr, messages, ok, bytes_down, t_train) -> dict:
-    cm = [r.content["metrics"] for r in ok]
+def round_row(rnd, lr, messages, received: list[dict], t_train: float) -> dict:
+    """A round's metrics line from the messages sent and the metrics of each reply."""
+    cm = received
     n = sum(m["num-examples"] for m in cm)
 
     def most(key):
@@ -90,8 +91,8 @@ def round_row(rnd, lr, messages, ok, bytes_down, t_train) -> dict:
         "lr": lr,
         "train_loss": sum(m["train_loss"] * m["num-examples"] for m in cm) / n if n else None,
         "clients_sampled": len(messages),
-        "clients_ok": len(ok),
-        "clients_failed": len(messages) - len(ok),
+        "clients_ok": len(cm),
+        "clients_failed": len(messages) - len(cm),
         "train_samples": samples,
         "train_tokens": tokens,
         # throughput of the training phase as the server's clock sees it (clients in
@@ -106,8 +107,8 @@ def round_row(rnd, lr, messages, ok, bytes_down, t_train) -> dict:
         "client_process_age_seconds_max": most("process_age_seconds"),
         "client_model_loads": sum(int(m["model_loaded"]) for m in cm),
         "client_proximal_mu": most("proximal_mu"),  # what the clients added (FedProx)
-        "bytes_down": bytes_down,
-        "bytes_up": sum(payload_bytes(r) for r in ok),
+        "bytes_down": sum(payload_bytes(m) for m in messages),
+        "bytes_up": sum(m["bytes"] for m in cm),
         "train_phase_seconds": t_train,
         "client_peak_rss_mb": most("peak_rss_mb"),
     }

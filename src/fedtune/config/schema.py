@@ -217,6 +217,9 @@ class TrainConfig:
 class StrategyConfig:
     name: Strategy = _f("fedavg", "the Flower strategy (flwr.serverapp.strategy)")
     params: dict = _f({}, "constructor arguments of the Flower strategy, e.g. proximal_mu")
+    accumulate: Literal["float32", "float64"] = _f(
+        "float32", "dtype of the server's running sum of the clients' tensors (any wire dtype)"
+    )
 
 
 @dataclass(frozen=True)

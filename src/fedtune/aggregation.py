@@ -1,0 +1,94 @@
+"""Aggregation in O(model) memory: replies are folded into one running sum as they arrive.
+
+Why: Flower's `send_and_receive` returns every reply at once and `aggregate_arrayrecords`
+sums them, so the server holds N full models (the seed OPT-350M run died with exit 137).
+Here the server pushes its messages, pulls replies as they land, adds each one's weighted
+tensors into a float32 (or float64) accumulator in place and lets the reply go before the
+next is pulled: the peak is the model, the accumulator and the replies in flight.
+
+Why the strategy's result is unchanged: every strategy fedtune offers (FedAvg, FedProx,
+FedAvgM, FedAdam, FedYogi, FedAdagrad) starts `aggregate_train` with Flower's
+`aggregate_arrayrecords`, the example-weighted mean sum_i (n_i / N) x_i, and then uses only
+that mean and its own state (momentum, moments). Handing it ONE reply that carries the mean
+and weight N gives (N / N) * mean = the same mean, so its server step is the one it would
+have computed from all N replies (up to float rounding of the sum's order).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import strategy as S
+
+WEIGHT_KEY = "num-examples"  # Flower's default `weighted_by_key`, the clients' data size
+
+# A strategy whose aggregate of one reply is that reply (the weight factor is 1.0 and
+# x * 1.0 == x exactly): the folded mean is its result, with no further copies.
+PLAIN_MEAN = (S.FedAvg, S.FedProx)
+
+
+class RunningMean:
+    """sum_i w_i x_i and sum_i w_i, folded one reply at a time, tensor by tensor."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype, self.sums, self.weight, self.count = dtype, {}, 0.0, 0
+        self.wire: dict[str, torch.dtype] = {}  # each tensor's dtype as the clients sent it
+
+    def add(self, arrays: ArrayRecord, weight: float) -> None:
+        if self.sums and arrays.keys() != self.sums.keys():
+            raise ValueError("a reply's arrays have other keys than the first reply's")
+        for key, array in arrays.items():
+            value = torch.from_numpy(array.numpy())  # one tensor of the reply at a time
+            if key in self.sums:
+                self.sums[key].add_(value.to(self.dtype), alpha=weight)
+            else:
+                self.sums[key] = value.to(self.dtype).mul_(weight)
+                self.wire[key] = value.dtype
+        self.weight += weight
+        self.count += 1
+
+    def mean(self) -> ArrayRecord:
+        """The weighted mean as an ArrayRecord, each tensor in the dtype it travelled in;
+        the accumulator is released tensor by tensor while the record is built."""
+        out = ArrayRecord()
+        for key in list(self.sums):
+            value = self.sums.pop(key).div_(self.weight)
+            out[key] = Array(value.to(self.wire[key]).numpy())
+            del value
+        return out
+
+
+def pull_as_they_arrive(grid, messages: list[Message], poll_s: float = 0.05) -> Iterator[Message]:
+    """Push `messages`, then yield each reply once it has arrived, one at a time, so the
+    caller can fold it and drop it before the next one is taken from the grid."""
+    waiting = set(grid.push_messages(messages))
+    while waiting:
+        arrived = list(grid.pull_messages(waiting))
+        if not arrived:
+            time.sleep(poll_s)
+            continue
+        while arrived:
+            reply = arrived.pop(0)
+            waiting.discard(reply.metadata.reply_to_message_id)
+            yield reply
+            del reply
+
+
+def mean_reply(arrays: ArrayRecord, weight: float, reply_to: Message) -> Message:
+    """The one reply a mean-based strategy is handed: the mean, with the total weight."""
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({WEIGHT_KEY: weight})})
+    return Message(content, reply_to=reply_to)
+
+
+def aggregate(strategy, rnd: int, folded: RunningMean, reply_to: Message) -> ArrayRecord | None:
+    """The strategy's new global arrays from the folded replies (None if none arrived)."""
+    if not folded.count:
+        return None
+    arrays = folded.mean()
+    if type(strategy) in PLAIN_MEAN:
+        return arrays
+    new_arrays, _ = strategy.aggregate_train(rnd, [mean_reply(arrays, folded.weight, reply_to)])
+    return new_arrays
