@@ -13,7 +13,6 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedtune"
 # lowest first: config -> data -> tasks -> model -> train/evaluate -> federation -> apps -> cli
 LAYERS = [
     "errors",
-    "compress",
     "files",
     "metrics",
     "tracking",
@@ -25,6 +24,8 @@ LAYERS = [
     "config.sources",
     "config.checks",
     "config",
+    "compress",
+    "comm",
     "console",
     "partition",
     "data",

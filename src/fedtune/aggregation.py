@@ -37,11 +37,13 @@ class RunningMean:
         self.dtype, self.sums, self.weight, self.count = dtype, {}, 0.0, 0
         self.wire: dict[str, torch.dtype] = {}  # each tensor's dtype as the clients sent it
 
-    def add(self, arrays: ArrayRecord, weight: float) -> None:
+    def add(self, arrays: ArrayRecord | dict[str, torch.Tensor], weight: float) -> None:
+        """Fold one reply's arrays (an ArrayRecord, or tensors a codec decoded)."""
         if self.sums and arrays.keys() != self.sums.keys():
             raise ValueError("a reply's arrays have other keys than the first reply's")
         for key, array in arrays.items():
-            value = torch.from_numpy(array.numpy())  # one tensor of the reply at a time
+            # one tensor of the reply at a time
+            value = array if isinstance(array, torch.Tensor) else torch.from_numpy(array.numpy())
             if key in self.sums:
                 self.sums[key].add_(value.to(self.dtype), alpha=weight)
             else:
@@ -50,12 +52,14 @@ class RunningMean:
         self.weight += weight
         self.count += 1
 
-    def mean(self) -> ArrayRecord:
-        """The weighted mean as an ArrayRecord, each tensor in the dtype it travelled in;
-        the accumulator is released tensor by tensor while the record is built."""
+    def mean(self, offset: dict[str, torch.Tensor] | None = None) -> ArrayRecord:
+        """The weighted mean (+ `offset`) as an ArrayRecord, each tensor in the dtype it
+        travelled in; the accumulator is released tensor by tensor while it is built."""
         out = ArrayRecord()
         for key in list(self.sums):
             value = self.sums.pop(key).div_(self.weight)
+            if offset is not None:
+                value.add_(offset[key].to(value.dtype))
             out[key] = Array(value.to(self.wire[key]).numpy())
             del value
         return out
@@ -83,11 +87,13 @@ def mean_reply(arrays: ArrayRecord, weight: float, reply_to: Message) -> Message
     return Message(content, reply_to=reply_to)
 
 
-def aggregate(strategy, rnd: int, folded: RunningMean, reply_to: Message) -> ArrayRecord | None:
+def aggregate(
+    strategy, rnd: int, folded: RunningMean, reply_to: Message, offset: dict | None = None
+) -> ArrayRecord | None:
     """The strategy's new global arrays from the folded replies (None if none arrived)."""
     if not folded.count:
         return None
-    arrays = folded.mean()
+    arrays = folded.mean(offset)
     if type(strategy) in PLAIN_MEAN:
         return arrays
     new_arrays, _ = strategy.aggregate_train(rnd, [mean_reply(arrays, folded.weight, reply_to)])

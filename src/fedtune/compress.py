@@ -20,16 +20,16 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from fedtune.config.schema import Compression as Mode
 from fedtune.errors import ConfigError, ModelError
 
-Mode = Literal["fp32", "fp16", "bf16", "int8", "topk", "topk-int8"]
-MODES: tuple[str, ...] = get_args(Mode)
+MODES: tuple[str, ...] = get_args(Mode)  # the recipe's `comm.uplink` / `comm.downlink` choices
 DELTA_MODES = ("int8", "topk", "topk-int8")  # these send tensors - reference, with error feedback
 NUMPY = "numpy.ndarray"  # Flower's stype for np.save bytes (its SType.NUMPY is a private name)
 RAW = "fedtune.raw"  # stype: the tensor's bytes as torch holds them (little-endian, C order)

@@ -18,7 +18,16 @@ from typing import NoReturn
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedtune import aggregation, checkpoint, config as C, model as M, partition, tasks, tracking
+from fedtune import (
+    aggregation,
+    checkpoint,
+    comm,
+    config as C,
+    model as M,
+    partition,
+    tasks,
+    tracking,
+)
 from fedtune.errors import RunError
 from fedtune.evaluate import evaluate_task, run_suites
 from fedtune.nodes import NodeDirectory, short_reason
@@ -32,6 +41,7 @@ from fedtune.results import (
 )
 from fedtune.rounds import (
     BestTracker,
+    CommBudget,
     EarlyStopping,
     build_strategy,
     headline,
@@ -64,8 +74,13 @@ class ServerLoop:
         self.test_rows, self.test_examples = tasks.encode_test(test, self.tokenizer, cfg)
         self.strategy = build_strategy(cfg)
         self.accumulate = getattr(torch, cfg.strategy.accumulate)
+        initial = comm.needs_initial(cfg) and {
+            k: v.float().clone() for k, v in M.trainable_state(self.model).items()
+        }
+        self.channel = comm.ServerChannel(cfg, initial or None)
         self.metric = C.headline_metric(cfg)
         self.stopper = EarlyStopping(cfg.train.early_stopping, self.metric)
+        self.budget = CommBudget(cfg.comm.budget_mb, cfg.comm.budget_stop)
         keep = cfg.output.keep_best or self.stopper.patience
         self.best = BestTracker(self.metric) if keep else None
         self.start_round, self.elapsed_before, self.saved_round = 1, 0.0, 0
@@ -91,6 +106,7 @@ class ServerLoop:
         self.run.reset_lines(state["rows"])
         for row in self.run.rows:
             self.stopper.update(row)
+            self.budget.update(row)
             if self.best:
                 self.best.update(row)
         self.start_round, self.saved_round = rnd + 1, rnd
@@ -108,7 +124,7 @@ class ServerLoop:
             if self.start_round == 1:
                 self.finish_round(self.evaluate(0) | {"server_peak_rss_mb": peak_rss_mb()})
             for rnd in range(self.start_round, rounds + 1):
-                if self.stopper.should_stop():
+                if self.stopper.should_stop() or self.budget.should_stop():
                     break
                 self.finish_round(self.run_round(rnd))
             return self.finish()
@@ -119,7 +135,9 @@ class ServerLoop:
         t_round = time.perf_counter()
         lr = lr_for_round(rnd, self.cfg.federation.rounds, self.cfg.train)
         messages, folded, received, head = self.send_and_receive(rnd, lr)
-        new_arrays = aggregation.aggregate(self.strategy, rnd, folded, messages[0])
+        new_arrays = aggregation.aggregate(
+            self.strategy, rnd, folded, messages[0], self.channel.correction
+        )
         t_train = time.perf_counter() - t_round
         if new_arrays is not None:
             M.load_trainable_state(self.model, M.from_arrays(new_arrays))
@@ -155,7 +173,10 @@ class ServerLoop:
                 received.append(
                     metrics | {"bytes": payload_bytes(reply), "node": reply.metadata.src_node_id}
                 )
-                folded.add(reply.content["arrays"], float(metrics[aggregation.WEIGHT_KEY]))
+                arrays = reply.content["arrays"]
+                if not self.channel.plain:
+                    arrays = self.channel.decode_reply(arrays)
+                folded.add(arrays, float(metrics[aggregation.WEIGHT_KEY]))
                 del reply
             head = {
                 "round": rnd,
@@ -187,9 +208,14 @@ class ServerLoop:
         self.nodes.wait()
         random.seed(sampling_seed(self.cfg.train.seed, rnd, attempt))  # Flower samples with it
         train_config = ConfigRecord({"lr": lr, "num-rounds": self.cfg.federation.rounds})
-        return list(
+        messages = list(
             self.strategy.configure_train(rnd, self.arrays, train_config, self.nodes.sorted_view())
         )
+        if not self.channel.plain:  # the strategy keeps the exact arrays; clients get these
+            record = self.channel.downlink(M.trainable_state(self.model))
+            for m in messages:
+                m.content["arrays"] = record
+        return messages
 
     def failures(self, messages, errors, ok_nodes: set) -> list[dict]:
         """Who failed and why: error replies, and sampled clients that never replied."""
@@ -252,12 +278,12 @@ class ServerLoop:
                 self.run.dir, rnd, self.model, self.tokenizer, self.metric, row.get(self.metric)
             )
         self.stopper.update(row)
+        if self.budget.update(row):
+            self.log.warning(self.budget.reason())
+        row["comm_mb_cumulative"] = self.budget.total / 2**20
+        stop = self.stopper.should_stop() or self.budget.should_stop()
         every = cfg.output.save_every
-        if (
-            every
-            and rnd
-            and (rnd % every == 0 or rnd == cfg.federation.rounds or self.stopper.should_stop())
-        ):
+        if every and rnd and (rnd % every == 0 or rnd == cfg.federation.rounds or stop):
             self.save_checkpoint(row)
         self.run.append(row)
         for t in self.trackers:
@@ -330,8 +356,10 @@ class ServerLoop:
                 "client_failures": sum(r.get("clients_failed", 0) for r in run.rows),
                 "final_model": str(run.dir / "final") if cfg.output.save_final else None,
                 "final_model_round": final_round,
-                "stopped_early": stopped,
-                "stop_reason": self.stopper.reason() if stopped else None,
+                "stopped_early": stopped or self.budget.should_stop(),
+                "stop_reason": self.stopper.reason()
+                if stopped
+                else (self.budget.reason() if self.budget.should_stop() else None),
                 "resumed_from_round": self.start_round - 1 if cfg.output.resume else None,
                 "manifest": manifest(cfg, self.parts),
             },

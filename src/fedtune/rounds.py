@@ -76,6 +76,34 @@ class EarlyStopping:
         )
 
 
+class CommBudget:
+    """`comm.budget_mb`: the run's MB so far (up + down, as counted on the wire); warns once
+    when crossed and, with `comm.budget_stop`, ends the run after that round. Like
+    `EarlyStopping`, its state is derivable from the metric rows (resume replays them)."""
+
+    def __init__(self, budget_mb: float, stop: bool):
+        self.limit, self.stop = budget_mb * 2**20, stop
+        self.total, self.crossed_round = 0, None
+
+    def update(self, row: dict) -> bool:
+        """Count a round's bytes; True when this round crossed the budget."""
+        self.total += row.get("bytes_up", 0) + row.get("bytes_down", 0)
+        if self.limit and self.crossed_round is None and self.total > self.limit:
+            self.crossed_round = row["round"]
+            return True
+        return False
+
+    def should_stop(self) -> bool:
+        return self.stop and self.crossed_round is not None
+
+    def reason(self) -> str:
+        return (
+            f"communication budget: {self.total / 2**20:.1f} MB after round "
+            f"{self.crossed_round} exceed comm.budget_mb = {self.limit / 2**20:g}"
+            + ("" if self.stop else " (warning only; comm.budget_stop = true stops the run)")
+        )
+
+
 def round_row(rnd, lr, messages, received: list[dict], t_train: float) -> dict:
     """A round's metrics line from the messages sent and the metrics of each reply."""
     cm = received

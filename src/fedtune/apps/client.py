@@ -15,7 +15,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import kd, model as M, tasks
+from fedtune import comm, kd, model as M, tasks
 from fedtune.apps import config_from_run_config
 from fedtune.apps.cache import CACHE, model_key
 from fedtune.console import to_terminal
@@ -32,8 +32,9 @@ def train(msg: Message, context: Context) -> Message:
     cfg = config_from_run_config(context.run_config)
     pid = partition_id(context, cfg)
     process_age = process_age_seconds()  # in deployment: spawn + imports of this process
-    model, tokenizer, examples, loss_fn, setup = client_setup(cfg, pid, context)
-    M.load_trainable_state(model, M.from_arrays(msg.content["arrays"]))
+    model, tokenizer, initial, examples, loss_fn, setup = client_setup(cfg, pid, context)
+    received = comm.client_receive(msg.content["arrays"], initial)
+    M.load_trainable_state(model, received)
     conf = msg.content["config"]
     rnd, mu = int(conf["server-round"]), float(conf.get("proximal-mu", 0.0))
     result = train_local(
@@ -63,7 +64,8 @@ def train(msg: Message, context: Context) -> Message:
             **setup,
         }
     )
-    return Message(RecordDict({"arrays": M.to_arrays(model), "metrics": metrics}), reply_to=msg)
+    arrays = comm.client_reply(cfg, M.trainable_state(model), received, context)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 @app.query()
@@ -87,13 +89,16 @@ def partition_id(context: Context, cfg) -> int:
 
 
 def client_setup(cfg, pid: int, context: Context):
-    """(model, tokenizer, examples, loss_fn, timing metrics), from the process cache."""
+    """(model, tokenizer, initial weights, examples, loss_fn, timing metrics), from the
+    process cache."""
     to_terminal()  # Flower started this process, not the CLI: fedtune's log lines need it
     if cfg.federation.client_threads:
         torch.set_num_threads(cfg.federation.client_threads)
     t0 = time.perf_counter()
-    (model, tokenizer), loaded = CACHE.get(
-        "model", model_key(cfg), lambda: (M.load_model(cfg), M.load_tokenizer(cfg.model.name))
+    (model, tokenizer, initial), loaded = CACHE.get(
+        "model",
+        (model_key(cfg), comm.needs_initial(cfg)),
+        lambda: with_initial(cfg, M.load_model(cfg)),
     )
     t1 = time.perf_counter()
     data_path = str(context.node_config.get("data-path", ""))
@@ -121,6 +126,7 @@ def client_setup(cfg, pid: int, context: Context):
     return (
         model,
         tokenizer,
+        initial,
         examples,
         loss_fn,
         {
@@ -130,6 +136,15 @@ def client_setup(cfg, pid: int, context: Context):
             "model_loaded": int(loaded),
         },
     )  # 0 when the process kept the model of an earlier round
+
+
+def with_initial(cfg, model):
+    """(model, tokenizer, a copy of its initial trainable weights if the downlink sends the
+    difference from them: the model itself changes every round)."""
+    initial = None
+    if comm.needs_initial(cfg):
+        initial = {k: v.float().clone() for k, v in M.trainable_state(model).items()}
+    return model, M.load_tokenizer(cfg.model.name), initial
 
 
 def process_age_seconds() -> float:

@@ -39,6 +39,7 @@ Strategy = Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedada
 MmluMode = Literal["letter", "choice"]
 Suite = Literal["mmlu"]
 Tracker = Literal["mlflow", "wandb"]
+Compression = Literal["fp32", "fp16", "bf16", "int8", "topk", "topk-int8"]
 Arm = Literal[
     "pretrained", "centralized", "local-only", "fedavg-full", "fedlora", "fedkd-lora", Strategy
 ]
@@ -292,6 +293,29 @@ class KDConfig:
 
 
 @dataclass(frozen=True)
+class CommConfig:
+    uplink: Compression = _f(
+        "fp32",
+        "how client replies travel: fp32 (exact), fp16/bf16 "
+        "(the weights), int8 / topk / topk-int8 (the update, with "
+        "error feedback kept in the client's context.state)",
+    )
+    downlink: Compression = _f(
+        "fp32",
+        "how the global model travels; int8/topk send its "
+        "difference from the shared initial weights",
+    )
+    topk_fraction: float = _f(0.1, "share of each tensor's entries the topk modes send", "(0, 1]")
+    block: int = _f(128, "values per scale in the int8 modes", "[64, 256]")
+    budget_mb: float = _f(
+        0.0, "warn when the run's total MB (up + down) cross this (0 = no budget)", ">= 0"
+    )
+    budget_stop: bool = _f(
+        False, "stop the run (after the round that crossed it) instead of only warning"
+    )
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     arms: list[Arm] = _f([], "arms of `fedtune compare` (a strategy name runs that strategy)")
     seeds: int = _f(1, "seeds per arm (train.seed, +1, ...); mean and std over them", "> 0")
@@ -312,6 +336,7 @@ SECTIONS = {
     "eval": EvalConfig,
     "output": OutputConfig,
     "kd": KDConfig,
+    "comm": CommConfig,
     "compare": CompareConfig,
 }
 ALIASES = {("kd", "lambda"): "lambda_"}  # recipe keys that are Python keywords
@@ -333,6 +358,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict:
