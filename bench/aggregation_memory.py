@@ -14,8 +14,9 @@ baseline, as multiples of the model's fp32 size:
            when pulled), `RunningMean` folds it in place, `aggregation.aggregate` hands the
            strategy one reply with the mean.
 
-It also prints the size of the strategy's checkpointed server state (`server_state.pt`) as
-a multiple of the model. Not a test: the figures depend on the allocator and the machine.
+FedAvgM runs with server_momentum = 0.9, so it keeps a momentum buffer (one more model). It
+also prints the size of the strategy's checkpointed server state (`server_state.pt`) as a
+multiple of the model. Not a test: the figures depend on the allocator and the machine.
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ def child(path: str, strategy_name: str, n: int, small: bool) -> dict:
     model = OPTForCausalLM(OPTConfig(**(opt350m | size)))
     state = {k: v.detach() for k, v in model.named_parameters()}
     model_bytes = sum(t.numel() * 4 for t in state.values())
+    momentum = ["strategy.params.server_momentum=0.9"] if strategy_name == "fedavgm" else []
     cfg = C.load(
-        None, [f"strategy.name={strategy_name}", f"federation.num_clients={n}"], check_paths=False
+        None,
+        [f"strategy.name={strategy_name}", f"federation.num_clients={n}", *momentum],
+        check_paths=False,
     )
     strategy = build_strategy(cfg)
     set_task_identity(run_id=1)

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -308,3 +309,22 @@ def test_pruning_never_deletes_the_checkpoint_latest_names(tmp_path, tiny_model_
         checkpoint.save_round(tmp_path, rnd, model, tok, {"round": rnd}, keep_last=2)
         assert checkpoint.latest(tmp_path)[1].name == f"round-{rnd:04d}"
     assert sorted(p.name for p in ck.glob("round-*")) == ["round-0002", "round-0003"]
+
+
+def test_server_state_stores_momentum_once_as_raw_bytes(tmp_path):
+    """torch.save pickles numpy arrays as latin-1 text (~1.4x); the server state must cost
+    one model's worth per buffer it keeps, and come back as the numpy arrays Flower uses."""
+
+    class FedAvgMLike:
+        current_arrays = "the global model: never stored (it is the checkpoint's weights)"
+        momentum_vector = [np.random.default_rng(0).standard_normal(2**20).astype(np.float32)]
+        m_t = v_t = None
+
+    state = checkpoint.strategy_state(FedAvgMLike())
+    torch.save(state, tmp_path / "s.pt")
+    assert (tmp_path / "s.pt").stat().st_size < 1.02 * 4 * 2**20
+    restored = FedAvgMLike()
+    restored.momentum_vector = None
+    checkpoint.restore_strategy(restored, torch.load(tmp_path / "s.pt", weights_only=False))
+    assert isinstance(restored.momentum_vector[0], np.ndarray)
+    assert np.array_equal(restored.momentum_vector[0], FedAvgMLike.momentum_vector[0])

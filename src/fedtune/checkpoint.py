@@ -114,8 +114,30 @@ def strategy_state(strategy) -> dict:
         value = getattr(strategy, name, None)
         if isinstance(value, ArrayRecord):
             value = {"__arrayrecord__": {k: a.numpy() for k, a in value.items()}}
-        out[name] = value
+        out[name] = _as_tensors(value)
     return out
+
+
+def _as_tensors(value):
+    """numpy arrays (in lists and dicts) as torch tensors: torch.save writes tensors as raw
+    bytes, but pickles numpy arrays as latin-1 text (~1.4x their size)."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, list):
+        return [_as_tensors(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_tensors(v) for k, v in value.items()}
+    return value
+
+
+def _as_numpy(value):
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, list):
+        return [_as_numpy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_numpy(v) for k, v in value.items()}
+    return value
 
 
 def restore_strategy(strategy, state: dict) -> None:
@@ -124,6 +146,7 @@ def restore_strategy(strategy, state: dict) -> None:
     for name, value in state.items():
         if not hasattr(strategy, name):
             continue
+        value = _as_numpy(value)
         if isinstance(value, dict) and "__arrayrecord__" in value:
             value = ArrayRecord(
                 {k: Array(np.asarray(a)) for k, a in value["__arrayrecord__"].items()}

@@ -49,9 +49,23 @@ def train(msg: Message, context: Context) -> Message:
         log_every=max(1, cfg.train.local_steps // 4) if cfg.train.local_steps else 10,
         log_prefix=f"[client {pid}] round {rnd} ",
     )
-    metrics = MetricRecord(
+    metrics = reply_metrics(result, len(examples), mu, process_age, pid, setup)
+    arrays = comm.client_reply(cfg, M.trainable_state(model), received, context)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The server asks every node its partition once, to sample clients reproducibly."""
+    pid = partition_id(context, config_from_run_config(context.run_config))
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+
+def reply_metrics(result, num_examples: int, mu: float, process_age: float, pid: int, setup):
+    """What the server records per client and round (and FedAvg weighs by)."""
+    return MetricRecord(
         {
-            "num-examples": len(examples),  # FedAvg weight: the client's data size in examples
+            "num-examples": num_examples,  # FedAvg weight: the client's data size in examples
             "train_loss": result.loss,
             "train_steps": result.steps,
             "train_samples": result.samples,
@@ -64,15 +78,6 @@ def train(msg: Message, context: Context) -> Message:
             **setup,
         }
     )
-    arrays = comm.client_reply(cfg, M.trainable_state(model), received, context)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """The server asks every node its partition once, to sample clients reproducibly."""
-    pid = partition_id(context, config_from_run_config(context.run_config))
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
 
 def partition_id(context: Context, cfg) -> int:
