@@ -49,7 +49,8 @@ def test_each_uplink_mode_runs_and_counts_the_bytes_that_travel(
 ):
     cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / mode, f"comm.uplink={mode}")
     grid = CapturingGrid(cfg)
-    run_federation(grid, cfg)
+    summary = run_federation(grid, cfg)
+    assert summary["compression"] == f"uplink {mode}, downlink fp32"  # the run says what ran
     rows = rows_of(tmp_path / mode)
     init = state_shapes(cfg)
     zeros = {k: torch.zeros_like(v) for k, v in init.items()}

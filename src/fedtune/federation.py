@@ -353,6 +353,7 @@ class ServerLoop:
                 "finetune": cfg.model.finetune,
                 "strategy": cfg.strategy.name,
                 "trainable_parameters": self.trainable,
+                "compression": f"uplink {cfg.comm.uplink}, downlink {cfg.comm.downlink}",
                 "client_failures": sum(r.get("clients_failed", 0) for r in run.rows),
                 "final_model": str(run.dir / "final") if cfg.output.save_final else None,
                 "final_model_round": final_round,
