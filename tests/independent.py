@@ -4,6 +4,8 @@ with these, so a bug in batching, padding, masking or scoring cannot hide."""
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn.functional as F
 
@@ -72,3 +74,11 @@ def letter_accuracy(
         ]
         right += max(range(len(scores)), key=scores.__getitem__) == q["answer"]
     return right / len(questions)
+
+
+def unpacked_bytes(record) -> int:
+    """An ArrayRecord's count_bytes() as if no Array were zlib-packed (stype "...+zlib")."""
+    return sum(
+        len(key) + len(zlib.decompress(a.data) if a.stype.endswith("+zlib") else a.data)
+        for key, a in record.items()
+    )
