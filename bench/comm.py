@@ -92,16 +92,16 @@ def main() -> None:
         "clients together\n"
     )
     print(
-        f"| uplink:downlink | MB up | MB down | x fewer bytes than fp32 | final {base['metric']}"
-        " | vs fp32 |"
+        "| uplink:downlink | MB up | MB down | x fewer bytes up | x fewer bytes in total | "
+        f"final {base['metric']} | vs fp32 |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = base_total / (r["up_mb"] + r["down_mb"])
         change = 100 * (r["final"] - base["final"]) / abs(base["final"])
         print(
-            f"| {r['setting']} | {r['up_mb']:.3f} | {r['down_mb']:.3f} | {ratio:.1f} | "
-            f"{r['final']:.4f} | {change:+.2f} % |"
+            f"| {r['setting']} | {r['up_mb']:.3f} | {r['down_mb']:.3f} | "
+            f"{base['up_mb'] / r['up_mb']:.1f} | {ratio:.1f} | {r['final']:.4f} | {change:+.2f} % |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

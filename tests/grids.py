@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, MessageType
+from flwr.app import Array, ArrayRecord, MessageType, MetricRecord
 
 from fedtune.inprocess import InProcessGrid, error_reply
 
@@ -79,3 +79,41 @@ class RecordingGrid(InProcessGrid):
 
 def arrays_of(record: ArrayRecord) -> dict:
     return {k: v.numpy() for k, v in record.items()}
+
+
+class TamperingGrid(RecordingGrid):
+    """Partition `attacker`'s train replies pass through `tamper(arrays, metrics, sent)`
+    (numpy dicts, changed in place or replaced) before the server sees them."""
+
+    def __init__(self, cfg, attacker, tamper):
+        super().__init__(cfg)
+        self.attacker, self.tamper = attacker, tamper
+
+    def handle(self, message):
+        reply = super().handle(message)
+        pid = self.contexts[message.metadata.dst_node_id].node_config["partition-id"]
+        if message.metadata.message_type == MessageType.TRAIN and pid == self.attacker:
+            sent = arrays_of(message.content["arrays"])
+            arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+            metrics = dict(reply.content["metrics"])
+            arrays, metrics = self.tamper(arrays, metrics, sent)
+            reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+            reply.content["metrics"] = MetricRecord(metrics)
+        return reply
+
+
+class SilentGrid(RecordingGrid):
+    """Partition `silent` never answers a train message (a client that hangs)."""
+
+    def __init__(self, cfg, silent):
+        super().__init__(cfg)
+        self.silent = silent
+
+    def pull_messages(self, message_ids):
+        def speaks(i):
+            m = self._pending.get(i)
+            if m is None or m.metadata.message_type != MessageType.TRAIN:
+                return True
+            return self.contexts[m.metadata.dst_node_id].node_config["partition-id"] != self.silent
+
+        return super().pull_messages([i for i in message_ids if speaks(i)])

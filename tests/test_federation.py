@@ -46,7 +46,10 @@ def rows_of(out):
 
 @pytest.mark.parametrize("name", C.STRATEGIES)
 def test_every_strategy_builds_with_federation_settings(name):
-    cfg = C.load(None, [f"strategy.name={name}", "federation.fraction=0.5"], check_paths=False)
+    sets = [f"strategy.name={name}", "federation.fraction=0.5", "federation.num_clients=6"]
+    if name == "bulyan":  # Flower's Bulyan needs 4 f + 3 replies: 3 with f = 0
+        sets.append("federation.min_clients=3")
+    cfg = C.load(None, sets, check_paths=False)
     strategy = build_strategy(cfg)
     assert strategy.fraction_train == 0.5 and strategy.fraction_evaluate == 0.0
     assert strategy.min_available_nodes == cfg.federation.num_clients

@@ -46,6 +46,7 @@ LAYERS = [
     "report.study",
     "report",
     "aggregation",
+    "guard",
     "rounds",
     "federation",
     "apps",

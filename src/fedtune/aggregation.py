@@ -12,6 +12,10 @@ FedAvgM, FedAdam, FedYogi, FedAdagrad) starts `aggregate_train` with Flower's
 that mean and its own state (momentum, moments). Handing it ONE reply that carries the mean
 and weight N gives (N / N) * mean = the same mean, so its server step is the one it would
 have computed from all N replies (up to float rounding of the sum's order).
+
+Robust aggregators (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) need every reply
+at once: `HeldReplies` keeps them and hands Flower's strategy the list, so their server
+holds N replies, as Flower's own path does.
 """
 
 from __future__ import annotations
@@ -30,26 +34,38 @@ WEIGHT_KEY = "num-examples"  # Flower's default `weighted_by_key`, the clients' 
 PLAIN_MEAN = (S.FedAvg, S.FedProx)
 
 
-class RunningMean:
-    """sum_i w_i x_i and sum_i w_i, folded one reply at a time, tensor by tensor."""
+def tensors(arrays: ArrayRecord | dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of a reply one at a time: an ArrayRecord's Arrays are deserialized
+    only when their turn comes, so a reply never exists twice in full."""
+    for key, array in arrays.items():
+        yield key, array if isinstance(array, torch.Tensor) else torch.from_numpy(array.numpy())
 
-    def __init__(self, dtype: torch.dtype = torch.float32):
+
+class RunningMean:
+    """sum_i w_i x_i and sum_i w_i, folded one reply at a time, tensor by tensor.
+
+    A clipped reply x' = anchor + s (x - anchor) (`anchor`: the weights the client started
+    from) is folded as w s x plus w (1 - s) anchor, the latter kept as one number, so
+    clipping costs no extra copy."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, anchor: dict | None = None):
         self.dtype, self.sums, self.weight, self.count = dtype, {}, 0.0, 0
+        self.anchor, self.anchor_weight = anchor, 0.0
         self.wire: dict[str, torch.dtype] = {}  # each tensor's dtype as the clients sent it
 
-    def add(self, arrays: ArrayRecord | dict[str, torch.Tensor], weight: float) -> None:
-        """Fold one reply's arrays (an ArrayRecord, or tensors a codec decoded)."""
+    def add(self, arrays, weight: float, scale: float = 1.0) -> None:
+        """Fold one reply's arrays (an ArrayRecord, or tensors a codec decoded), its update
+        scaled by `scale`."""
         if self.sums and arrays.keys() != self.sums.keys():
             raise ValueError("a reply's arrays have other keys than the first reply's")
-        for key, array in arrays.items():
-            # one tensor of the reply at a time
-            value = array if isinstance(array, torch.Tensor) else torch.from_numpy(array.numpy())
+        for key, value in tensors(arrays):
             if key in self.sums:
-                self.sums[key].add_(value.to(self.dtype), alpha=weight)
+                self.sums[key].add_(value.to(self.dtype), alpha=weight * scale)
             else:
-                self.sums[key] = value.to(self.dtype).mul_(weight)
+                self.sums[key] = value.to(self.dtype).mul_(weight * scale)
                 self.wire[key] = value.dtype
         self.weight += weight
+        self.anchor_weight += weight * (1.0 - scale)
         self.count += 1
 
     def mean(self, offset: dict[str, torch.Tensor] | None = None) -> ArrayRecord:
@@ -57,7 +73,10 @@ class RunningMean:
         travelled in; the accumulator is released tensor by tensor while it is built."""
         out = ArrayRecord()
         for key in list(self.sums):
-            value = self.sums.pop(key).div_(self.weight)
+            value = self.sums.pop(key)
+            if self.anchor_weight:
+                value.add_(self.anchor[key].to(value.dtype), alpha=self.anchor_weight)
+            value.div_(self.weight)
             if offset is not None:
                 value.add_(offset[key].to(value.dtype))
             out[key] = Array(value.to(self.wire[key]).numpy())
@@ -65,11 +84,47 @@ class RunningMean:
         return out
 
 
-def pull_as_they_arrive(grid, messages: list[Message], poll_s: float = 0.05) -> Iterator[Message]:
+class HeldReplies:
+    """Every reply of a round, for the strategies that need them all (median, Krum...)."""
+
+    def __init__(self, anchor: dict | None = None):
+        self.anchor, self.records, self.weights = anchor, [], []
+        self.weight, self.count = 0.0, 0
+
+    def add(self, arrays, weight: float, scale: float = 1.0) -> None:
+        if isinstance(arrays, ArrayRecord) and scale == 1.0:
+            record = arrays  # Flower's own Arrays, as they arrived
+        else:
+            record = ArrayRecord()
+            for key, value in tensors(arrays):
+                if scale != 1.0:
+                    anchor = self.anchor[key].to(value.dtype)
+                    value = anchor + (value - anchor) * scale
+                record[key] = Array(value.contiguous().numpy())
+        self.records.append(record)
+        self.weights.append(weight)
+        self.weight += weight
+        self.count += 1
+
+    def replies(self, reply_to: Message) -> list[Message]:
+        return [mean_reply(r, w, reply_to) for r, w in zip(self.records, self.weights)]
+
+
+def collector(strategy, dtype: torch.dtype, anchor: dict | None) -> RunningMean | HeldReplies:
+    """Where a round's replies go: a running mean, or every reply for a robust strategy."""
+    robust = (S.FedMedian, S.FedTrimmedAvg, S.Krum, S.MultiKrum, S.Bulyan)
+    return HeldReplies(anchor) if isinstance(strategy, robust) else RunningMean(dtype, anchor)
+
+
+def pull_as_they_arrive(
+    grid, messages: list[Message], poll_s: float = 0.05, timeout_s: float = 0.0
+) -> Iterator[Message]:
     """Push `messages`, then yield each reply once it has arrived, one at a time, so the
-    caller can fold it and drop it before the next one is taken from the grid."""
+    caller can fold it and drop it before the next one is taken from the grid. With
+    `timeout_s`, stop waiting that many seconds after the push: the rest are late."""
     waiting = set(grid.push_messages(messages))
-    while waiting:
+    deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
+    while waiting and time.monotonic() < deadline:
         arrived = list(grid.pull_messages(waiting))
         if not arrived:
             time.sleep(poll_s)
@@ -88,11 +143,18 @@ def mean_reply(arrays: ArrayRecord, weight: float, reply_to: Message) -> Message
 
 
 def aggregate(
-    strategy, rnd: int, folded: RunningMean, reply_to: Message, offset: dict | None = None
+    strategy, rnd: int, folded: RunningMean | HeldReplies, reply_to: Message, offset=None
 ) -> ArrayRecord | None:
     """The strategy's new global arrays from the folded replies (None if none arrived)."""
     if not folded.count:
         return None
+    if isinstance(folded, HeldReplies):
+        new_arrays, _ = strategy.aggregate_train(rnd, folded.replies(reply_to))
+        if new_arrays is not None and offset is not None:  # the downlink's rounding
+            new_arrays = ArrayRecord(
+                {k: torch.from_numpy(a.numpy()) + offset[k] for k, a in new_arrays.items()}
+            )
+        return new_arrays
     arrays = folded.mean(offset)
     if type(strategy) in PLAIN_MEAN:
         return arrays

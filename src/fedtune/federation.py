@@ -23,14 +23,15 @@ from fedtune import (
     checkpoint,
     comm,
     config as C,
+    guard,
     model as M,
     partition,
     tasks,
     tracking,
 )
-from fedtune.errors import RunError
+from fedtune.errors import ModelError, RunError
 from fedtune.evaluate import evaluate_task, run_suites
-from fedtune.nodes import NodeDirectory, short_reason
+from fedtune.nodes import NodeDirectory
 from fedtune.report import fmt, write_plots, write_report
 from fedtune.results import (
     RunFolder,
@@ -157,34 +158,40 @@ class ServerLoop:
 
     def send_and_receive(self, rnd: int, lr: float):
         """(messages, the folded replies, what each reply said, the row's head) of a round:
-        replies are folded into a running mean as they arrive, never held together. A round
-        with fewer than `federation.min_clients` replies is recorded and retried, then the
-        run stops."""
+        replies are screened and folded as they arrive, never held together (except for
+        the robust strategies). A round with fewer than `federation.min_clients` accepted
+        replies is recorded and retried, then the run stops."""
         fed = self.cfg.federation
         for attempt in range(fed.max_round_retries + 1):
             messages = self.configure(rnd, attempt, lr)
-            folded, received, errors = aggregation.RunningMean(self.accumulate), [], []
-            for reply in aggregation.pull_as_they_arrive(self.grid, messages):
+            sent = self.channel.view if not self.channel.plain else M.trainable_state(self.model)
+            folded = aggregation.collector(self.strategy, self.accumulate, sent)
+            received, errors, rejected = [], [], []
+            arrivals = aggregation.pull_as_they_arrive(
+                self.grid, messages, 0.05, fed.round_timeout_s
+            )
+            for reply in arrivals:
+                verdict, arrays = self.screen(reply, sent)
+                node = reply.metadata.src_node_id
                 if reply.has_error():
                     errors.append(reply)
-                    continue
-                metrics = dict(reply.content["metrics"])
-                self.nodes.learn(reply.metadata.src_node_id, int(metrics["partition_id"]))
-                received.append(
-                    metrics | {"bytes": payload_bytes(reply), "node": reply.metadata.src_node_id}
-                )
-                arrays = reply.content["arrays"]
-                if not self.channel.plain:
-                    arrays = self.channel.decode_reply(arrays)
-                folded.add(arrays, float(metrics[aggregation.WEIGHT_KEY]))
-                del reply
+                elif verdict.reason:
+                    rejected.append({"node": node, "error": f"rejected: {verdict.reason}"})
+                else:
+                    metrics = dict(reply.content["metrics"])
+                    received.append(metrics | {"bytes": payload_bytes(reply), "node": node})
+                    received[-1] |= {"update_norm": verdict.norm, "clip_scale": verdict.scale}
+                    folded.add(arrays, float(metrics[aggregation.WEIGHT_KEY]), verdict.scale)
+                del reply, arrays
             head = {
                 "round": rnd,
                 "attempt": attempt,
                 "sampled_partitions": self.nodes.partitions(
                     m.metadata.dst_node_id for m in messages
                 ),
-                "failures": self.failures(messages, errors, {r["node"] for r in received}),
+                "failures": self.nodes.failures(
+                    messages, errors, rejected, {r["node"] for r in received}, fed.round_timeout_s
+                ),
             }
             if len(received) >= fed.min_clients:
                 return messages, folded, received, head
@@ -202,6 +209,24 @@ class ServerLoop:
             )
         self.fail(rnd, head["failures"], len(received), len(messages))
 
+    def screen(self, reply, sent: dict) -> tuple[guard.Verdict, object]:
+        """(the verdict on a reply, its arrays as the client trained them)."""
+        if reply.has_error():
+            return guard.Verdict(None), None
+        reason = guard.malformed(reply.content)
+        if reason:
+            return guard.Verdict(reason), None
+        self.nodes.learn(reply.metadata.src_node_id, int(reply.content["metrics"]["partition_id"]))
+        arrays = reply.content["arrays"]
+        if self.channel.plain:
+            wire = {k: a.dtype for k, a in self.arrays.items()}
+            return guard.screen(arrays, sent, self.cfg.robust, wire), arrays
+        try:
+            arrays = self.channel.decode_reply(arrays)
+        except (ModelError, KeyError, ValueError) as err:
+            return guard.Verdict(f"cannot decode the update: {err}"), None
+        return guard.screen(arrays, sent, self.cfg.robust), arrays
+
     def configure(self, rnd: int, attempt: int, lr: float) -> list:
         """The strategy's own messages, over nodes sorted by partition id with `random`
         seeded by (seed, round, attempt): the same clients in every process and on resume."""
@@ -216,30 +241,6 @@ class ServerLoop:
             for m in messages:
                 m.content["arrays"] = record
         return messages
-
-    def failures(self, messages, errors, ok_nodes: set) -> list[dict]:
-        """Who failed and why: error replies, and sampled clients that never replied."""
-        answered = ok_nodes | {r.metadata.src_node_id for r in errors}
-        out = [
-            {
-                "partition": self.nodes.partition_of.get(r.metadata.src_node_id),
-                "node": r.metadata.src_node_id,
-                "error": short_reason(r.error.reason),
-            }
-            for r in errors
-        ]
-        out += [
-            {
-                "partition": self.nodes.partition_of.get(m.metadata.dst_node_id),
-                "node": m.metadata.dst_node_id,
-                "error": "no reply",
-            }
-            for m in messages
-            if m.metadata.dst_node_id not in answered
-        ]
-        for f in out:
-            self.log.info(f"client {f['partition']} (node {f['node']}) failed: {f['error']}")
-        return sorted(out, key=lambda f: (f["partition"] is None, f["partition"] or 0))
 
     def fail(self, rnd: int, failures: list[dict], n_ok: int, n_sampled: int) -> NoReturn:
         """Stop the run: keep a checkpoint of the last good round, raise one clear line."""

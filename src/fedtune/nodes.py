@@ -124,3 +124,26 @@ class NodeDirectory:
 
     def sorted_view(self) -> SortedNodes:
         return SortedNodes(self.grid, self.node_of)
+
+    def failures(
+        self, messages, errors, rejected: list[dict], ok_nodes: set, timeout_s: float
+    ) -> list[dict]:
+        """Who failed in a round and why: error replies, rejected replies, and sampled
+        clients that never replied (late, with `federation.round_timeout_s`)."""
+        answered = (
+            ok_nodes | {r.metadata.src_node_id for r in errors} | {r["node"] for r in rejected}
+        )
+        late = f"late: no reply within federation.round_timeout_s = {timeout_s:g} s"
+        out = [
+            {"node": r.metadata.src_node_id, "error": short_reason(r.error.reason)} for r in errors
+        ]
+        out += rejected
+        out += [
+            {"node": m.metadata.dst_node_id, "error": late if timeout_s else "no reply"}
+            for m in messages
+            if m.metadata.dst_node_id not in answered
+        ]
+        out = [{"partition": self.partition_of.get(f["node"]), **f} for f in out]
+        for f in out:
+            log.info(f"client {f['partition']} (node {f['node']}) failed: {f['error']}")
+        return sorted(out, key=lambda f: (f["partition"] is None, f["partition"] or 0))

@@ -135,6 +135,8 @@ def round_row(rnd, lr, messages, received: list[dict], t_train: float) -> dict:
         "client_process_age_seconds_max": most("process_age_seconds"),
         "client_model_loads": sum(int(m["model_loaded"]) for m in cm),
         "client_proximal_mu": most("proximal_mu"),  # what the clients added (FedProx)
+        "update_norm_max": most("update_norm"),  # of the accepted updates, before clipping
+        "clients_clipped": sum(m["clip_scale"] < 1 for m in cm),
         "bytes_down": sum(payload_bytes(m) for m in messages),
         "bytes_up": sum(m["bytes"] for m in cm),
         "train_phase_seconds": t_train,

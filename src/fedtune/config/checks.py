@@ -54,7 +54,16 @@ def strategy_class(name: str):
         "fedadam": S.FedAdam,
         "fedyogi": S.FedYogi,
         "fedadagrad": S.FedAdagrad,
+        "fedmedian": S.FedMedian,
+        "fedtrimmedavg": S.FedTrimmedAvg,
+        "krum": S.Krum,
+        "multikrum": S.MultiKrum,
+        "bulyan": S.Bulyan,
     }[name]
+
+
+# Byzantine-robust aggregators: they need every reply at once (no running mean).
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 
 # Set by fedtune from the federation section; a recipe must not set them in params.
@@ -81,7 +90,41 @@ STRATEGY_RANGES = {
     "beta_1": "[0, 1)",
     "beta_2": "[0, 1)",
     "tau": "> 0",
+    "beta": "[0, 0.5)",  # FedTrimmedAvg: the share cut from each end
+    "num_malicious_nodes": ">= 0",  # Krum, MultiKrum, Bulyan
+    "num_nodes_to_select": "> 0",  # MultiKrum
 }
+
+
+def _check_robust(cfg: Config) -> list[str]:
+    """What Krum and Bulyan need of the number of replies, checked against the sample."""
+    s, n = cfg.strategy, clients_per_round(cfg)
+    f, p = s.params.get("num_malicious_nodes", 0), []
+    if not isinstance(f, int) or isinstance(f, bool):
+        return p  # reported by _check_strategy
+    # Krum's guarantee needs n > 2f + 2 (with f = 0 it still picks one reply); Flower's
+    # Bulyan skips the round below 4f + 3 replies
+    krum = 2 * f + 3 if f else 0
+    need = {"krum": krum, "multikrum": krum, "bulyan": 4 * f + 3}.get(s.name, 0)
+    if n < need:
+        rule = "4 f + 3" if s.name == "bulyan" else "2 f + 3"
+        p.append(
+            f"strategy {s.name} with num_malicious_nodes f = {f} needs at least {rule} = "
+            f"{need} replies per round, but only {n} clients are sampled (num_clients x "
+            "fraction); lower f or sample more clients"
+        )
+    select = s.params.get("num_nodes_to_select", 1)
+    if s.name == "multikrum" and isinstance(select, int) and select > n - f:
+        p.append(
+            f"`strategy.params.num_nodes_to_select` = {select} exceeds the {n - f} honest "
+            f"replies MultiKrum can pick from ({n} sampled - {f} malicious)"
+        )
+    if cfg.federation.min_clients < need:
+        p.append(
+            f"`federation.min_clients` = {cfg.federation.min_clients} lets a round aggregate "
+            f"fewer replies than {s.name} needs ({need}); set it to at least {need}"
+        )
+    return p
 
 
 def _check_strategy(cfg: StrategyConfig) -> list[str]:
@@ -240,6 +283,7 @@ def _check_training(cfg: Config) -> list[str]:
             '`model.dtype = "bfloat16"`, or float32 weights with '
             '`train.precision = "bf16"` (autocast)'
         )
+    p += _check_robust(cfg)
     if fed.min_clients > clients_per_round(cfg):
         p.append(
             f"`federation.min_clients` = {fed.min_clients} can never be met: only "

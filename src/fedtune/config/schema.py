@@ -35,7 +35,10 @@ Partitioner = Literal["iid", "fixed-size", "dirichlet", "shards", "natural"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["constant", "cosine", "linear"]
 Precision = Literal["fp32", "bf16"]
-Strategy = Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"]
+Strategy = Literal[
+    "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+    "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
+]  # fmt: skip
 MmluMode = Literal["letter", "choice"]
 Suite = Literal["mmlu"]
 Tracker = Literal["mlflow", "wandb"]
@@ -180,6 +183,10 @@ class FederationConfig:
         "is retried (with a fresh sample) before the run stops",
         ">= 0",
     )
+    round_timeout_s: float = _f(
+        0.0, "replies not in this many seconds after a round starts are dropped as late "
+        "(0 = wait for every sampled client)", ">= 0",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -316,6 +323,19 @@ class CommConfig:
 
 
 @dataclass(frozen=True)
+class RobustConfig:
+    max_update_norm: float = _f(
+        0.0, "reject a reply whose update (its weights - the global weights it received) "
+        "has a larger L2 norm (0 = no limit); NaN/Inf, missing or extra keys, wrong shapes "
+        "or dtypes are always rejected", ">= 0",
+    )  # fmt: skip
+    clip_update_norm: float = _f(
+        0.0, "scale every accepted update down to at most this L2 norm before aggregating "
+        "(0 = no clipping)", ">= 0",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     arms: list[Arm] = _f([], "arms of `fedtune compare` (a strategy name runs that strategy)")
     seeds: int = _f(1, "seeds per arm (train.seed, +1, ...); mean and std over them", "> 0")
@@ -337,6 +357,7 @@ SECTIONS = {
     "output": OutputConfig,
     "kd": KDConfig,
     "comm": CommConfig,
+    "robust": RobustConfig,
     "compare": CompareConfig,
 }
 ALIASES = {("kd", "lambda"): "lambda_"}  # recipe keys that are Python keywords
@@ -359,6 +380,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict:
