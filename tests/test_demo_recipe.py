@@ -72,7 +72,7 @@ base = AutoModelForCausalLM.from_pretrained(assets.resolve_model(cfg.model.name)
 model = PeftModel.from_pretrained(base, run / "final")
 test = load_task_data(cfg)[0]
 examples = tasks.encode(test, M.load_tokenizer(cfg.model.name), cfg)[: cfg.eval.max_blocks]
-print(independent.token_loss(model, examples, cfg.train.precision))
+print(independent.token_loss(model, examples, M.resolved_precision(cfg.train.precision)))
 """
 
 
@@ -82,7 +82,7 @@ def mmlu_by_hand(run) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import independent
-    from fedtune import assets, config as C, mmlu
+    from fedtune import assets, config as C, mmlu, model as M
 
     cfg = C.load(run / "config.toml")
     e = cfg.eval
@@ -93,7 +93,11 @@ def mmlu_by_hand(run) -> float:
     model = PeftModel.from_pretrained(base, run / "final").eval()
     tok = AutoTokenizer.from_pretrained(run / "final")
     return independent.letter_accuracy(
-        model, tok, questions, [mmlu.format_prompt(q) for q in questions], cfg.train.precision
+        model,
+        tok,
+        questions,
+        [mmlu.format_prompt(q) for q in questions],
+        M.resolved_precision(cfg.train.precision),
     )
 
 

@@ -92,11 +92,13 @@ def test_lora_simulation_writes_a_complete_run_folder(tmp_path, tiny_model_dir, 
             : cfg.eval.max_blocks
         ].tolist()
     ]
-    loss = independent.token_loss(peft_model, blocks, cfg.train.precision)
+    loss = independent.token_loss(peft_model, blocks, M.resolved_precision(cfg.train.precision))
     assert loss == pytest.approx(rows[-1]["eval_loss"], rel=1e-5)
     # and differs from the base model: the adapter carries what was learned
     base_loss = independent.token_loss(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), blocks, cfg.train.precision
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        blocks,
+        M.resolved_precision(cfg.train.precision),
     )
     assert abs(base_loss - loss) > 1e-4
 
@@ -261,3 +263,46 @@ def test_every_client_failing_stops_the_simulation_with_one_line(
         (1, "failed"),
     ]
     assert not (out / "summary.json").exists() and not (out / "final").exists()
+
+
+HANGING_CLIENT = """
+# Fault injection: client 1 hangs for 90 s in round 1, in every Ray worker (PYTHONPATH).
+import time
+import fedtune.train
+
+_train = fedtune.train.train_local
+
+def _hang(*args, **kwargs):
+    if kwargs.get("log_prefix", "").startswith("[client 1] round 1 "):
+        time.sleep(90)
+    return _train(*args, **kwargs)
+
+fedtune.train.train_local = _hang
+"""
+
+
+@pytest.mark.slow
+def test_a_hanging_client_is_dropped_as_late_and_the_run_completes(
+    tmp_path, tiny_model_dir, code_jsonl
+):
+    """federation.round_timeout_s on the Simulation Engine: round 1 goes on without the
+    client that hangs, records it as late, and the run finishes without waiting for it."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(HANGING_CLIENT)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "inject")}
+    overrides = tiny_overrides(
+        tiny_model_dir, code_jsonl, out, "federation.round_timeout_s=30", "output.plots=false"
+    )
+    t0 = time.monotonic()
+    proc = subprocess.run(cli_args(overrides), capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert (rows[1]["clients_ok"], rows[1]["clients_failed"]) == (1, 1)
+    [late] = rows[1]["failures"]
+    assert late["partition"] == 1
+    assert late["error"] == "late: no reply within federation.round_timeout_s = 30 s"
+    assert rows[1]["round_seconds"] < 80  # it did not wait for the 90 s hang
+    assert json.loads((out / "summary.json").read_text())["rounds_completed"] == 2
+    print(f"wall {time.monotonic() - t0:.0f} s")

@@ -239,3 +239,20 @@ def test_training_lowers_the_loss_on_the_trained_blocks(tiny_model_dir):
     after = eval_lm(model, b, batch_size=2, pad_id=0)
     assert after["eval_loss"] < before - 0.5
     assert after["eval_ppl"] == pytest.approx(math.exp(after["eval_loss"]))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    """On an AVX2-only CPU bf16 is emulated (a matmul ran 190x slower than fp32): "auto"
+    must pick fp32 there, and an explicit "bf16" gets a warning before the run."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert M.resolved_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert M.resolved_precision("bf16", "cpu") == "bf16"
+    assert M.resolved_precision("fp32", "cpu") == "fp32"
+    with M.autocast("auto", "cpu"):
+        dtype = (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    warned = C.config_warnings(C.load(None, ["train.precision=bf16"], check_paths=False))
+    assert any("emulated" in w for w in warned) is not native

@@ -95,7 +95,8 @@ class ServerLoop:
             f"({cfg.model.finetune}); {self.arrays.count_bytes() / 2**20:.2f} MiB per client "
             f"per direction; task {cfg.task.type}; server test split {len(test)} samples -> "
             f"{len(self.test_examples)} examples (<= {cfg.data.seq_len} tokens); strategy "
-            f"{cfg.strategy.name} {cfg.strategy.params or ''}"
+            f"{cfg.strategy.name} {cfg.strategy.params or ''}; precision {cfg.train.precision} "
+            f"-> {M.resolved_precision(cfg.train.precision, self.model.device)} here"
         )
 
     def _resume(self) -> None:

@@ -27,9 +27,29 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether `device` runs bf16 matmuls natively: CUDA with bf16, or a CPU with AVX512-BF16
+    or AMX. Elsewhere bf16 is emulated: on an AVX2-only AMD EPYC a 1024 x 1024 bf16 matmul
+    ran at 0.94 GFLOP/s against 178 in fp32, and the demo's local step went from ~2 s to
+    ~100 s."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolved_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """`train.precision` as it runs on `device`: "auto" is bf16 where that is native."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast(precision: str, device: torch.device | str = "cpu"):
     """bf16 autocast (weights keep their dtype) or nothing; used by training and evaluation."""
-    if precision == "bf16":
+    if resolved_precision(precision, device) == "bf16":
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext()
 

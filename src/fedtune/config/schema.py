@@ -34,7 +34,7 @@ Template = Literal["alpaca", "chat"]
 Partitioner = Literal["iid", "fixed-size", "dirichlet", "shards", "natural"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["constant", "cosine", "linear"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "auto"]
 Strategy = Literal[
     "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
     "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
@@ -214,7 +214,10 @@ class TrainConfig:
     )
     weight_decay: float = _f(0.0, "decoupled weight decay", ">= 0")
     max_grad_norm: float = _f(1.0, "clip the gradient norm (0 = no clipping)", ">= 0")
-    precision: Precision = _f("fp32", "bf16: CPU/GPU autocast; weights stay in model.dtype")
+    precision: Precision = _f(
+        "fp32", "bf16: CPU/GPU autocast, weights stay in model.dtype; auto: bf16 where the "
+        "device has it natively (CUDA, AVX512-BF16/AMX CPUs; emulated it is ~50x slower)",
+    )  # fmt: skip
     seed: int = _f(0, "seed of data shuffling, partitions, LoRA init and local batches")
     early_stopping: EarlyStoppingConfig = _f(
         EarlyStoppingConfig(), "stop when the centralized metric stops improving"
