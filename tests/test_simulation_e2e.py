@@ -291,8 +291,16 @@ def test_a_hanging_client_is_dropped_as_late_and_the_run_completes(
     (tmp_path / "inject" / "sitecustomize.py").write_text(HANGING_CLIENT)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "inject")}
+    # two actors: the hanging client keeps its own busy for 90 s (Ray cannot take a task
+    # back), and round 2's messages run on the other one
     overrides = tiny_overrides(
-        tiny_model_dir, code_jsonl, out, "federation.round_timeout_s=30", "output.plots=false"
+        tiny_model_dir,
+        code_jsonl,
+        out,
+        "federation.round_timeout_s=30",
+        "federation.client_cpus=1",
+        "federation.client_threads=1",
+        "output.plots=false",
     )
     t0 = time.monotonic()
     proc = subprocess.run(cli_args(overrides), capture_output=True, text=True, timeout=400, env=env)
