@@ -145,3 +145,26 @@ def test_the_server_holds_no_earlier_reply_when_it_pulls_the_next(
     grid = CountingGrid(cfg)
     run_federation(grid, cfg)
     assert len(grid.alive_at_pull) >= 4 and max(grid.alive_at_pull) == 0
+
+
+def test_fedavgm_step_is_flowers_fedavgm_bitwise_over_rounds():
+    """fedtune's tensor-by-tensor FedAvgM step against Flower's own aggregate_train on the
+    same mean reply: identical weights and momentum buffer, round after round."""
+    stock = S.FedAvgM(server_learning_rate=0.7, server_momentum=0.9)
+    ours = S.FedAvgM(server_learning_rate=0.7, server_momentum=0.9)
+    a_stock = a_ours = initial()
+    for rnd in (1, 2, 3):
+        msgs_s = list(stock.configure_train(rnd, a_stock, ConfigRecord({}), ThreeNodeGrid()))
+        msgs_o = list(ours.configure_train(rnd, a_ours, ConfigRecord({}), ThreeNodeGrid()))
+        acc = folded(replies_for(msgs_s, seed=rnd))
+        weight = acc.weight
+        a_stock, _ = stock.aggregate_train(
+            rnd, [aggregation.mean_reply(acc.mean(), weight, msgs_s[0])]
+        )
+        a_ours = aggregation.aggregate(ours, rnd, folded(replies_for(msgs_o, seed=rnd)), msgs_o[0])
+        for k in a_stock:
+            assert np.array_equal(a_ours[k].numpy(), a_stock[k].numpy())
+        for m_s, m_o in zip(stock.momentum_vector, ours.momentum_vector):
+            assert np.array_equal(m_s, m_o)
+        assert ours.current_arrays is a_ours
+    assert not np.allclose(a_stock["w"].numpy(), initial()["w"].numpy(), atol=1e-3)

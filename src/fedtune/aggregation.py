@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as S
@@ -116,6 +117,35 @@ def collector(strategy, dtype: torch.dtype, anchor: dict | None) -> RunningMean 
     return HeldReplies(anchor) if isinstance(strategy, robust) else RunningMean(dtype, anchor)
 
 
+def fedavgm_step(strategy: S.FedAvgM, mean: ArrayRecord) -> ArrayRecord:
+    """What Flower's FedAvgM.aggregate_train does after its weighted mean, tensor by tensor:
+    the same float32 numpy expressions in the same order, so the result and the momentum
+    buffer are bit-identical (tests/test_aggregation.py), but the mean, the pseudo-gradient
+    and the new weights exist one tensor at a time instead of as ~3 extra copies of the
+    model (bench/aggregation_memory.py). The state stays Flower's: `momentum_vector` (a list
+    in key order) and `current_arrays`, so checkpoints and resume are unchanged."""
+    if not strategy.server_opt:
+        return mean
+    first = strategy.momentum_vector is None
+    momentum = [] if first else strategy.momentum_vector
+    out = ArrayRecord()
+    for i, key in enumerate(list(mean.keys())):
+        old = strategy.current_arrays[key].numpy()
+        pseudo_gradient = old - mean.pop(key).numpy()  # updates are opposite of gradients
+        if strategy.server_momentum > 0.0:
+            if first:
+                momentum.append(pseudo_gradient)
+            else:
+                momentum[i] = strategy.server_momentum * momentum[i] + pseudo_gradient
+            pseudo_gradient = momentum[i]
+        out[key] = Array(np.asarray(old - strategy.server_learning_rate * pseudo_gradient))
+        del old, pseudo_gradient
+    if strategy.server_momentum > 0.0:
+        strategy.momentum_vector = momentum
+    strategy.current_arrays = out
+    return out
+
+
 def pull_as_they_arrive(
     grid, messages: list[Message], poll_s: float = 0.05, timeout_s: float = 0.0
 ) -> Iterator[Message]:
@@ -158,5 +188,7 @@ def aggregate(
     arrays = folded.mean(offset)
     if type(strategy) in PLAIN_MEAN:
         return arrays
+    if type(strategy) is S.FedAvgM and strategy.current_arrays is not None:
+        return fedavgm_step(strategy, arrays)
     new_arrays, _ = strategy.aggregate_train(rnd, [mean_reply(arrays, folded.weight, reply_to)])
     return new_arrays
