@@ -47,6 +47,7 @@ LAYERS = [
     "report",
     "aggregation",
     "guard",
+    "privacy",
     "rounds",
     "federation",
     "apps",

@@ -86,10 +86,11 @@ class RunningMean:
 
 
 class HeldReplies:
-    """Every reply of a round, for the strategies that need them all (median, Krum...)."""
+    """Every reply of a round, for the strategies that need them all (median, Krum, the DP
+    wrappers, which clip each reply; `uniform`: every reply weighs 1)."""
 
-    def __init__(self, anchor: dict | None = None):
-        self.anchor, self.records, self.weights = anchor, [], []
+    def __init__(self, anchor: dict | None = None, uniform: bool = False):
+        self.anchor, self.records, self.weights, self.uniform = anchor, [], [], uniform
         self.weight, self.count = 0.0, 0
 
     def add(self, arrays, weight: float, scale: float = 1.0) -> None:
@@ -103,7 +104,7 @@ class HeldReplies:
                     value = anchor + (value - anchor) * scale
                 record[key] = Array(value.contiguous().numpy())
         self.records.append(record)
-        self.weights.append(weight)
+        self.weights.append(1.0 if self.uniform else weight)
         self.weight += weight
         self.count += 1
 
@@ -111,9 +112,21 @@ class HeldReplies:
         return [mean_reply(r, w, reply_to) for r, w in zip(self.records, self.weights)]
 
 
+# Flower's central-DP wrappers (`privacy.dp`): they clip each reply and calibrate the noise
+# to an unweighted mean.
+DP_WRAPPERS = (
+    S.DifferentialPrivacyServerSideFixedClipping,
+    S.DifferentialPrivacyClientSideFixedClipping,
+    S.DifferentialPrivacyServerSideAdaptiveClipping,
+)
+
+
 def collector(strategy, dtype: torch.dtype, anchor: dict | None) -> RunningMean | HeldReplies:
-    """Where a round's replies go: a running mean, or every reply for a robust strategy."""
+    """Where a round's replies go: a running mean, or every reply for a robust strategy or
+    a DP wrapper."""
     robust = (S.FedMedian, S.FedTrimmedAvg, S.Krum, S.MultiKrum, S.Bulyan)
+    if isinstance(strategy, DP_WRAPPERS):
+        return HeldReplies(anchor, uniform=True)
     return HeldReplies(anchor) if isinstance(strategy, robust) else RunningMean(dtype, anchor)
 
 

@@ -25,7 +25,7 @@ from fedtune.files import atomic_folder, atomic_write_json
 # Flower's strategies' own server state. Not `current_arrays`: it is the global model itself
 # (FedAvgM, which fedtune points at the arrays it sends) or re-read from the sent arrays every
 # round (FedOpt); a resumed run rebuilds it from the checkpoint's weights, never stores it twice.
-STRATEGY_STATE = ("momentum_vector", "m_t", "v_t")
+STRATEGY_STATE = ("momentum_vector", "m_t", "v_t", "clipping_norm")  # + a DP wrapper's inner
 
 
 def _dir(run_dir: Path) -> Path:
@@ -115,6 +115,9 @@ def strategy_state(strategy) -> dict:
         if isinstance(value, ArrayRecord):
             value = {"__arrayrecord__": {k: a.numpy() for k, a in value.items()}}
         out[name] = _as_tensors(value)
+    wrapped = getattr(strategy, "strategy", None)  # a DP wrapper: the strategy inside it
+    if wrapped is not None:
+        out["wrapped"] = strategy_state(wrapped)
     return out
 
 
@@ -144,7 +147,10 @@ def restore_strategy(strategy, state: dict) -> None:
     from flwr.app import Array, ArrayRecord
 
     for name, value in state.items():
-        if not hasattr(strategy, name):
+        if name == "wrapped":
+            restore_strategy(strategy.strategy, value)
+            continue
+        if not hasattr(strategy, name) or value is None:
             continue
         value = _as_numpy(value)
         if isinstance(value, dict) and "__arrayrecord__" in value:

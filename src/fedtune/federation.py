@@ -26,6 +26,7 @@ from fedtune import (
     guard,
     model as M,
     partition,
+    privacy,
     tasks,
     tracking,
 )
@@ -82,6 +83,7 @@ class ServerLoop:
         self.metric = C.headline_metric(cfg)
         self.stopper = EarlyStopping(cfg.train.early_stopping, self.metric)
         self.budget = CommBudget(cfg.comm.budget_mb, cfg.comm.budget_stop)
+        self.ledger = privacy.Ledger(cfg) if cfg.privacy.dp.mode else None
         keep = cfg.output.keep_best or self.stopper.patience
         self.best = BestTracker(self.metric) if keep else None
         self.start_round, self.elapsed_before, self.saved_round = 1, 0.0, 0
@@ -109,6 +111,8 @@ class ServerLoop:
         for row in self.run.rows:
             self.stopper.update(row)
             self.budget.update(row)
+            if self.ledger:
+                self.ledger.replay(row)
             if self.best:
                 self.best.update(row)
         self.start_round, self.saved_round = rnd + 1, rnd
@@ -137,9 +141,12 @@ class ServerLoop:
         t_round = time.perf_counter()
         lr = lr_for_round(rnd, self.cfg.federation.rounds, self.cfg.train)
         messages, folded, received, head = self.send_and_receive(rnd, lr)
+        clipping_norm = getattr(self.strategy, "clipping_norm", None)  # before it adapts
         new_arrays = aggregation.aggregate(
             self.strategy, rnd, folded, messages[0], self.channel.correction
         )
+        if new_arrays is not None and self.ledger:
+            head |= self.ledger.release(len(received), clipping_norm)
         t_train = time.perf_counter() - t_round
         if new_arrays is not None:
             M.load_trainable_state(self.model, M.from_arrays(new_arrays))
@@ -356,6 +363,7 @@ class ServerLoop:
                 "strategy": cfg.strategy.name,
                 "trainable_parameters": self.trainable,
                 "compression": f"uplink {cfg.comm.uplink}, downlink {cfg.comm.downlink}",
+                "privacy": self.ledger.summary() if self.ledger else None,
                 "client_failures": sum(r.get("clients_failed", 0) for r in run.rows),
                 "final_model": str(run.dir / "final") if cfg.output.save_final else None,
                 "final_model_round": final_round,

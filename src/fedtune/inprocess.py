@@ -44,11 +44,9 @@ class InProcessGrid:
         return set(self.contexts)
 
     def handle(self, message: Message) -> Message:
-        handler = {MessageType.TRAIN: client.train, MessageType.QUERY: client.query}[
-            message.metadata.message_type
-        ]
+        """The ClientApp itself (its mods included) handles the message."""
         try:
-            return handler(message, self.contexts[message.metadata.dst_node_id])
+            return client.app(message, self.contexts[message.metadata.dst_node_id])
         except Exception as ex:  # noqa: BLE001 - a client's failure is a reply, not a crash
             return error_reply(message, ex)
 

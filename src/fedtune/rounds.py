@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 
-from fedtune import config as C
+from fedtune import config as C, privacy
 from fedtune.results import best_round
 
 
 def build_strategy(cfg: C.Config):
-    """A Flower strategy by name; federation settings fill the sampling arguments."""
+    """A Flower strategy by name, federation settings filling its sampling arguments,
+    inside Flower's DP wrapper if `privacy.dp` asks for one."""
     fed = cfg.federation
-    return C.strategy_class(cfg.strategy.name)(
+    strategy = C.strategy_class(cfg.strategy.name)(
         fraction_train=fed.fraction,
         fraction_evaluate=0.0,  # centralized evaluation only: no extra round trip
         min_train_nodes=1,
@@ -24,6 +25,7 @@ def build_strategy(cfg: C.Config):
         min_available_nodes=fed.num_clients,  # wait until every SuperNode is connected
         **cfg.strategy.params,
     )
+    return privacy.wrap(strategy, cfg)
 
 
 def payload_bytes(message) -> int:

@@ -15,7 +15,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import comm, kd, model as M, tasks
+from fedtune import comm, kd, model as M, privacy, tasks
 from fedtune.apps import config_from_run_config
 from fedtune.apps.cache import CACHE, model_key
 from fedtune.console import to_terminal
@@ -27,7 +27,14 @@ from fedtune.train import client_seed, train_local
 app = ClientApp()
 
 
-@app.train()
+def dp_mod(msg: Message, context: Context, call_next) -> Message:
+    """`privacy.dp` on the client: Flower's own mod for the run's mode (clip, or clip and
+    noise the reply), if it has one."""
+    mod = privacy.client_mod(config_from_run_config(context.run_config).privacy.dp)
+    return mod(msg, context, call_next) if mod else call_next(msg, context)
+
+
+@app.train(mods=[dp_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg = config_from_run_config(context.run_config)
     pid = partition_id(context, cfg)

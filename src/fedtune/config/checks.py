@@ -127,6 +127,35 @@ def _check_robust(cfg: Config) -> list[str]:
     return p
 
 
+def _check_privacy(cfg: Config) -> list[str]:
+    """What differential privacy needs of the rest of the run."""
+    dp, p = cfg.privacy.dp, []
+    if not dp.mode:
+        return p
+    if cfg.comm.uplink != "fp32" or cfg.comm.downlink != "fp32":
+        p.append(
+            f"`privacy.dp.mode = {dp.mode!r}` clips and noises the weights as they travel, "
+            f"which the compressed `comm.uplink = {cfg.comm.uplink!r}` / `comm.downlink = "
+            f"{cfg.comm.downlink!r}` replace; set both to fp32"
+        )
+    if dp.mode != "local" and cfg.strategy.name in ROBUST_STRATEGIES:
+        p.append(
+            f"central DP calibrates its noise to a mean of clipped updates; strategy "
+            f"{cfg.strategy.name} does not average: use fedavg (or fedavgm, fedprox, fedadam, "
+            '...) with `privacy.dp`, or `privacy.dp.mode = "local"`'
+        )
+    if dp.mode == "central-adaptive":
+        stddev = dp.clipped_count_stddev or clients_per_round(cfg) / 20
+        if dp.noise_multiplier >= 2 * stddev:
+            p.append(
+                f"central-adaptive with `privacy.dp.noise_multiplier` = {dp.noise_multiplier} "
+                f"needs `privacy.dp.clipped_count_stddev` above {dp.noise_multiplier / 2:g} "
+                f"(now {stddev:g}{'' if dp.clipped_count_stddev else ': clients per round / 20'}"
+                "): the clipped-count query spends privacy too; raise it or lower the noise"
+            )
+    return p
+
+
 def _check_strategy(cfg: StrategyConfig) -> list[str]:
     problems = []
     sig = inspect.signature(strategy_class(cfg.name).__init__).parameters
@@ -297,7 +326,7 @@ def _check_training(cfg: Config) -> list[str]:
             '`model.dtype = "bfloat16"`, or float32 weights with '
             '`train.precision = "bf16"` (autocast)'
         )
-    p += _check_robust(cfg)
+    p += _check_robust(cfg) + _check_privacy(cfg)
     if fed.min_clients > clients_per_round(cfg):
         p.append(
             f"`federation.min_clients` = {fed.min_clients} can never be met: only "

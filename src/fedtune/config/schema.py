@@ -43,6 +43,8 @@ MmluMode = Literal["letter", "choice"]
 Suite = Literal["mmlu"]
 Tracker = Literal["mlflow", "wandb"]
 Compression = Literal["fp32", "fp16", "bf16", "int8", "topk", "topk-int8"]
+DpMode = Literal["", "central-fixed", "central-adaptive", "client-fixed", "local"]
+Accounting = Literal["without-replacement", "poisson"]
 Arm = Literal[
     "pretrained", "centralized", "local-only", "fedavg-full", "fedlora", "fedkd-lora", Strategy
 ]
@@ -339,6 +341,48 @@ class RobustConfig:
 
 
 @dataclass(frozen=True)
+class DpConfig:
+    mode: DpMode = _f(
+        "", '"" (off); central-fixed / central-adaptive: the server clips each update and '
+        "adds Gaussian noise to the mean; client-fixed: clients clip, the server adds the "
+        "noise; local: each client clips and noises its own update (Flower's DP wrappers "
+        "and mods)",
+    )  # fmt: skip
+    clipping_norm: float = _f(
+        1.0, "L2 bound of each client's update (central-adaptive: its first value)", "> 0"
+    )
+    noise_multiplier: float = _f(
+        1.0, "central modes: noise stddev on the mean = noise_multiplier * clipping_norm / "
+        "clients per round", "> 0",
+    )  # fmt: skip
+    delta: float = _f(1e-5, "the delta at which the privacy spent (epsilon) is reported", "(0, 1)")
+    accounting: Accounting = _f(
+        "without-replacement", "central modes: how the RDP accountant models client "
+        "sampling: without-replacement (what Flower does: a fixed number, replace-one "
+        "neighbours) or poisson (McMahan et al. 2018, add/remove-one, rate k/N)",
+    )  # fmt: skip
+    target_clipped_quantile: float = _f(
+        0.5, "central-adaptive: share of updates the clipping norm should leave unclipped",
+        "[0, 1]",
+    )  # fmt: skip
+    clip_norm_lr: float = _f(0.2, "central-adaptive: step size of the clipping norm", "> 0")
+    clipped_count_stddev: float = _f(
+        0.0, "central-adaptive: noise on the count of clipped updates (0 = Flower's "
+        "default, clients per round / 20)", ">= 0",
+    )  # fmt: skip
+    local_epsilon: float = _f(
+        0.5, "local: epsilon of each client's noised update per round (Gaussian mechanism, "
+        "valid below 1)", "(0, 1)",
+    )  # fmt: skip
+    local_delta: float = _f(1e-5, "local: delta of each client's update per round", "(0, 1)")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    dp: DpConfig = _f(DpConfig(), "differential privacy of what travels, and its accounting")
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     arms: list[Arm] = _f([], "arms of `fedtune compare` (a strategy name runs that strategy)")
     seeds: int = _f(1, "seeds per arm (train.seed, +1, ...); mean and std over them", "> 0")
@@ -361,6 +405,7 @@ SECTIONS = {
     "kd": KDConfig,
     "comm": CommConfig,
     "robust": RobustConfig,
+    "privacy": PrivacyConfig,
     "compare": CompareConfig,
 }
 ALIASES = {("kd", "lambda"): "lambda_"}  # recipe keys that are Python keywords
@@ -384,6 +429,7 @@ class Config:
     kd: KDConfig = field(default_factory=KDConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict:

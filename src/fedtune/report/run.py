@@ -110,7 +110,18 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         )
         if summary.get(k) is not None
     ]
-    tm = task_metrics(rows)
+    privacy = summary.get("privacy") if isinstance(summary.get("privacy"), dict) else {}
+    if privacy:
+        totals.append(
+            (
+                "privacy spent",
+                f"{privacy.get('mode')}: epsilon {fmt(privacy.get('epsilon'), '.3f')} at delta "
+                f"{fmt(privacy.get('delta'), '.3g')} ({privacy.get('accounting')}, clipping "
+                f"norm {fmt(privacy.get('clipping_norm'), '.3g')}, noise multiplier "
+                f"{fmt(privacy.get('noise_multiplier'), '.3g')})",
+            )
+        )
+    tm = task_metrics(rows) + (["dp_epsilon"] if any("dp_epsilon" in r for r in rows) else [])
     head = [
         "round",
         "eval_loss",
