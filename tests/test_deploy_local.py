@@ -1,5 +1,8 @@
 """Flower's Deployment Engine for real: a SuperLink and SuperNodes as processes on loopback."""
 
+import math
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -7,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.config import load
 from fedtune.deploy import DeployError, LocalDeployment, make_tls
+from fedtune.results import read_metrics
+from fedtune.simulation import prepare
 from test_simulation_e2e import ROOT, read_rows, run_cli, tiny_overrides
 
 FLOWER = (
@@ -94,3 +100,48 @@ def test_unregistered_key_and_wrong_certificate_are_refused(tmp_path):
     assert "supernode-wrong-ca exited" in message
     assert "CERTIFICATE_VERIFY_FAILED" in message
     assert not flower_processes(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_killed_supernode_is_dropped_then_rejoins_and_is_sampled_again(
+    tmp_path, tiny_model_dir, code_jsonl
+):
+    """One of three SuperNodes is SIGKILLed while a round is under way: that round goes on
+    with the other two (late after round_timeout_s, or Flower's error reply), the node is
+    restarted with a new node id, learned again, and later rounds sample it."""
+    out = tmp_path / "run"
+    sets = tiny_overrides(tiny_model_dir, code_jsonl, out, "output.plots=false")
+    sets += ["federation.num_clients=3", "federation.rounds=5", "federation.min_clients=2"]
+    sets += ["federation.round_timeout_s=20", "federation.client_threads=1"]
+    cfg = load(str(ROOT / "recipes/demo.toml"), sets)
+    prepare(cfg)
+    with LocalDeployment(tmp_path / "deployment", 3) as dep:
+        run_id = dep.submit(cfg)
+        wait_until(lambda: len(read_metrics(out)) >= 2, 300)  # round 1 done, round 2 on
+        victim = dict(dep.procs)["supernode-2"]
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        dep.procs = [(n, p) for n, p in dep.procs if p is not victim]
+        wait_until(lambda: any(r.get("failures") for r in read_metrics(out)), 120)
+        dep.start_supernode(2, name="supernode-2-restarted")
+        wait_until(lambda: str(dep.status(run_id).get("status")).startswith("finished"), 400)
+        assert dep.status(run_id)["status"] == "finished:completed"
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows if r.get("status") != "failed"] == [0, 1, 2, 3, 4, 5]
+    hit = [r for r in rows[1:] if r.get("failures") and r.get("status") != "failed"]
+    seen = [(r["round"], r.get("sampled_partitions"), r.get("failures")) for r in rows[1:]]
+    assert hit and all(f["partition"] == 2 for r in hit for f in r["failures"]), seen
+    assert all((r["clients_ok"], r["clients_failed"]) == (2, 1) for r in hit)
+    later = [r for r in rows[1:] if r["round"] > hit[-1]["round"]]
+    assert later and later[-1]["clients_ok"] == 3  # the restarted node was sampled again
+    per_client = rows[1]["bytes_up"] / rows[1]["clients_ok"]
+    assert all(r["bytes_up"] == per_client * r["clients_ok"] for r in rows[1:])
+    assert all(math.isfinite(r["eval_loss"]) for r in rows)
+    assert (out / "summary.json").exists()
+
+
+def wait_until(condition, timeout: float, poll: float = 0.2) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(poll)

@@ -7,12 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from fedtune import config as C, guard
 from fedtune.errors import RunError
 from fedtune.federation import run_federation
+from fedtune.nodes import NodeDirectory
 from fedtune.results import read_metrics
+from fedtune.simulation import set_task_identity
 from grids import RecordingGrid, SilentGrid, TamperingGrid
 from test_federation import make_cfg
 
@@ -240,3 +242,20 @@ def test_robust_settings_are_checked_before_anything_runs(sets, message):
     with pytest.raises(C.ConfigError) as err:
         C.load(None, ["federation.num_clients=3", *sets], check_paths=False)
     assert message in str(err.value)
+
+
+def test_an_error_the_superlink_sends_for_a_dead_node_names_that_node():
+    """Flower's SuperLink answers a message to a node that stopped its heartbeat with an
+    error whose source is the SuperLink (node 1), not the client: the failure belongs to
+    the node the message was sent to, once, not to node 1 plus a `late` entry."""
+    set_task_identity(run_id=1)
+    directory = NodeDirectory(grid=None, num_clients=2)
+    for pid, node in [(0, 70), (1, 71)]:
+        directory.learn(node, pid)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (70, 71)]
+    for i, m in enumerate(messages):
+        m.metadata.__dict__["_message_id"] = f"m{i}"
+    error = Message(Error(code=0, reason="node failed to report a heartbeat"), reply_to=messages[1])
+    error.metadata.__dict__["_src_node_id"] = 1  # as the SuperLink sends it
+    failures = directory.failures(messages, [error], [], {70}, 20.0)
+    assert failures == [{"partition": 1, "node": 71, "error": "node failed to report a heartbeat"}]

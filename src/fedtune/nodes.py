@@ -130,13 +130,15 @@ class NodeDirectory:
     ) -> list[dict]:
         """Who failed in a round and why: error replies, rejected replies, and sampled
         clients that never replied (late, with `federation.round_timeout_s`)."""
-        answered = (
-            ok_nodes | {r.metadata.src_node_id for r in errors} | {r["node"] for r in rejected}
-        )
-        late = f"late: no reply within federation.round_timeout_s = {timeout_s:g} s"
-        out = [
-            {"node": r.metadata.src_node_id, "error": short_reason(r.error.reason)} for r in errors
+        # An error reply may come from the SuperLink itself (a node that stopped its
+        # heartbeat): its source is not the client, the message it answers names it.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        erred = [
+            (sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in errors
         ]
+        answered = ok_nodes | {node for node, _ in erred} | {r["node"] for r in rejected}
+        late = f"late: no reply within federation.round_timeout_s = {timeout_s:g} s"
+        out = [{"node": node, "error": short_reason(r.error.reason)} for node, r in erred]
         out += rejected
         out += [
             {"node": m.metadata.dst_node_id, "error": late if timeout_s else "no reply"}
