@@ -13,7 +13,7 @@ from fedtune.federation import run_federation
 from fedtune.inprocess import InProcessGrid
 from fedtune.nodes import short_reason
 from fedtune.results import read_metrics
-from fedtune.rounds import build_strategy
+from fedtune.rounds import EarlyStopping, build_strategy
 from fedtune.train import sampling_seed
 from grids import FailingGrid, RecordingGrid
 
@@ -321,3 +321,35 @@ def test_the_best_round_follows_the_headline_metric_everywhere(
         0.8,
     )
     assert json.loads((tmp_path / "r" / "checkpoints" / "best.json").read_text())["round"] == 1
+
+
+@pytest.mark.parametrize("every, evaluated", [(2, [0, 2, 3]), (0, [3])])
+def test_eval_every_thins_server_evaluation_and_changes_nothing_else(
+    tmp_path, tiny_model_dir, code_jsonl, every, evaluated
+):
+    """`eval.every = k`: round 0, every k-th and the last round are evaluated, with the
+    same numbers as evaluating every round (evaluation does not touch training)."""
+    runs = {}
+    for k in (1, every):
+        out = tmp_path / f"every{k}"
+        cfg = make_cfg(tiny_model_dir, code_jsonl, out, "federation.rounds=3", f"eval.every={k}")
+        run_federation(InProcessGrid(cfg), cfg)
+        runs[k] = rows_of(out)
+    full, thin = runs[1], runs[every]
+    assert [r["round"] for r in thin if "eval_loss" in r] == evaluated
+    assert all("eval_seconds" not in r for r in thin if r["round"] not in evaluated)
+    for a, b in zip(full, thin):
+        assert b.get("train_loss") == a.get("train_loss")
+        if b["round"] in evaluated:
+            assert b["eval_loss"] == a["eval_loss"]
+    summary = json.loads((tmp_path / f"every{every}" / "summary.json").read_text())
+    assert summary["best_round"] in evaluated
+
+
+def test_early_stopping_counts_evaluations_not_rounds():
+    stop = EarlyStopping(C.EarlyStoppingConfig(patience=1), "eval_loss")
+    for row in [{"round": 0, "eval_loss": 2.0}, {"round": 1}, {"round": 2, "eval_loss": 1.5}]:
+        stop.update(row)
+        assert not stop.should_stop(), row  # round 1 was not evaluated: nothing to count
+    stop.update({"round": 3, "eval_loss": 1.6})
+    assert stop.should_stop()

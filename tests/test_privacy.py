@@ -122,16 +122,22 @@ def test_the_ledger_replays_metric_rows_on_resume():
     assert b.release(2) == a.release(2)
 
 
+def dp_run(out, tiny_model_dir, code_jsonl, mode: str, c: float, *sets):
+    """(the recording grid, round 1's updates as the clients sent them) of a 3-client run."""
+    sets = [f"privacy.dp.mode={mode}", f"privacy.dp.clipping_norm={c}", *sets]
+    cfg = cfg3(tiny_model_dir, code_jsonl, out, *sets)
+    grid = RecordingGrid(cfg)
+    run_federation(grid, cfg)
+    return grid, [update(a, grid.sent[1]) for _, _, a in grid.replies[1]]
+
+
 def test_central_fixed_clips_each_reply_and_adds_noise_of_z_c_over_k(
     tmp_path, tiny_model_dir, code_jsonl
 ):
     """The server clips every update to C, averages them unweighted and adds N(0, (zC/k)^2)."""
     c, z = 2e-3, 1.0
-    sets = ["privacy.dp.mode=central-fixed", f"privacy.dp.clipping_norm={c}"]
-    cfg = cfg3(tiny_model_dir, code_jsonl, tmp_path, *sets, f"privacy.dp.noise_multiplier={z}")
-    grid = RecordingGrid(cfg)
-    run_federation(grid, cfg)
-    ups = [update(a, grid.sent[1]) for _, _, a in grid.replies[1]]
+    run = (tmp_path, tiny_model_dir, code_jsonl, "central-fixed", c)
+    grid, ups = dp_run(*run, f"privacy.dp.noise_multiplier={z}")
     assert min(norm(u) for u in ups) > c  # every update is clipped
     noise = residual(grid, 1, [clipped(u, c) for u in ups])
     assert noise.size > 3000  # the std is estimated within ~1.2 % (5 % is 4 sigma)
@@ -154,50 +160,32 @@ def test_client_fixed_clients_clip_and_the_server_adds_the_noise(
     tmp_path, tiny_model_dir, code_jsonl
 ):
     c, z = 2e-3, 0.5
-    sets = ["privacy.dp.mode=client-fixed", f"privacy.dp.clipping_norm={c}"]
-    cfg = cfg3(tiny_model_dir, code_jsonl, tmp_path, *sets, f"privacy.dp.noise_multiplier={z}")
-    grid = RecordingGrid(cfg)
-    run_federation(grid, cfg)
-    ups = [update(a, grid.sent[1]) for _, _, a in grid.replies[1]]
+    run = (tmp_path, tiny_model_dir, code_jsonl, "client-fixed", c)
+    grid, ups = dp_run(*run, f"privacy.dp.noise_multiplier={z}")
     assert [norm(u) for u in ups] == pytest.approx([c] * 3, rel=1e-4)  # clipped on the client
     assert residual(grid, 1, ups).std() == pytest.approx(z * c / 3, rel=0.05)
 
 
 def test_local_dp_noises_each_reply_and_the_budgets_add_up(tmp_path, tiny_model_dir, code_jsonl):
     c, eps, delta = 1e-3, 0.5, 1e-5
-    sets = ["privacy.dp.mode=local", f"privacy.dp.clipping_norm={c}"]
-    sets += [f"privacy.dp.local_epsilon={eps}", f"privacy.dp.local_delta={delta}"]
-    cfg = cfg3(tiny_model_dir, code_jsonl, tmp_path, *sets)
-    grid = RecordingGrid(cfg)
-    run_federation(grid, cfg)
+    sets = [f"privacy.dp.local_epsilon={eps}", f"privacy.dp.local_delta={delta}"]
+    _, ups = dp_run(tmp_path, tiny_model_dir, code_jsonl, "local", c, *sets)
     sigma = 2 * c * math.sqrt(2 * math.log(1.25 / delta)) / eps  # Gaussian mechanism, Δ = 2C
-    for _, _, arrays in grid.replies[1]:
-        u = np.concatenate([v.ravel() for v in update(arrays, grid.sent[1]).values()])
+    for up in ups:
+        u = np.concatenate([v.ravel() for v in up.values()])
         assert u.std() == pytest.approx(sigma, rel=0.05)
     rows = read_metrics(tmp_path)
     assert [r["dp_epsilon"] for r in rows[1:]] == pytest.approx([eps, 2 * eps])
     assert [r["dp_delta"] for r in rows[1:]] == pytest.approx([delta, 2 * delta])
 
 
-def test_adaptive_clipping_norm_moves_and_survives_a_checkpoint():
-    wrapped = privacy.wrap(
-        S.FedAvgM(server_momentum=0.9),
-        C.load(
-            None,
-            ["privacy.dp.mode=central-adaptive", "privacy.dp.noise_multiplier=0.1"],
-            check_paths=False,
-        ),
-    )
+def test_adaptive_clipping_norm_and_the_wrapped_state_survive_a_checkpoint():
+    sets = ["privacy.dp.mode=central-adaptive", "privacy.dp.noise_multiplier=0.1"]
+    cfg = C.load(None, sets, check_paths=False)
+    wrapped = privacy.wrap(S.FedAvgM(server_momentum=0.9), cfg)
     wrapped.clipping_norm, wrapped.strategy.momentum_vector = 0.37, [np.ones(2, np.float32)]
     state = checkpoint.strategy_state(wrapped)
-    fresh = privacy.wrap(
-        S.FedAvgM(server_momentum=0.9),
-        C.load(
-            None,
-            ["privacy.dp.mode=central-adaptive", "privacy.dp.noise_multiplier=0.1"],
-            check_paths=False,
-        ),
-    )
+    fresh = privacy.wrap(S.FedAvgM(server_momentum=0.9), cfg)
     checkpoint.restore_strategy(fresh, state)
     assert fresh.clipping_norm == 0.37
     np.testing.assert_array_equal(fresh.strategy.momentum_vector[0], np.ones(2))

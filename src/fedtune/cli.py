@@ -85,8 +85,8 @@ def cmd_run(args) -> int:
         json.dumps(
             {k: summary.get(k) for k in keys}
             | {
-                "initial_eval_loss": summary["initial"]["eval_loss"],
-                "final_eval_loss": summary["final"]["eval_loss"],
+                "initial_eval_loss": (summary["initial"] or {}).get("eval_loss"),
+                "final_eval_loss": (summary["final"] or {}).get("eval_loss"),
                 "run_dir": cfg.output.dir,
             },
             indent=2,
@@ -117,8 +117,8 @@ def cmd_deploy(args) -> int:
         json.dumps(
             {
                 "rounds_completed": summary["rounds_completed"],
-                "initial_eval_loss": summary["initial"]["eval_loss"],
-                "final_eval_loss": summary["final"]["eval_loss"],
+                "initial_eval_loss": (summary["initial"] or {}).get("eval_loss"),
+                "final_eval_loss": (summary["final"] or {}).get("eval_loss"),
                 "run_dir": cfg.output.dir,
             },
             indent=2,

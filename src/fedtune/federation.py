@@ -269,12 +269,17 @@ class ServerLoop:
         )
 
     def evaluate(self, rnd: int) -> dict:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        res = evaluate_task(self.model, self.tokenizer, cfg, self.test_rows, self.test_examples)
-        res = {"round": rnd, **res, "eval_seconds": time.perf_counter() - t0}
-        every = cfg.eval.suites_every
-        if cfg.eval.suites and (rnd in (0, cfg.federation.rounds) or (every and rnd % every == 0)):
+        """The server's metrics after round `rnd`, where `eval.every` (and for the suites
+        `eval.suites_every`) asks for them; a round it skips has none."""
+        cfg, last, res = self.cfg, self.cfg.federation.rounds, {"round": rnd}
+        every, suites_every = cfg.eval.every, cfg.eval.suites_every
+        if rnd == last or (every and rnd % every == 0):
+            t0 = time.perf_counter()
+            res |= evaluate_task(
+                self.model, self.tokenizer, cfg, self.test_rows, self.test_examples
+            )
+            res["eval_seconds"] = time.perf_counter() - t0
+        if cfg.eval.suites and (rnd in (0, last) or (suites_every and rnd % suites_every == 0)):
             res |= run_suites(self.model, self.tokenizer, cfg, self.run.dir / "eval", rnd)
         return res
 

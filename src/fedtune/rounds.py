@@ -58,12 +58,12 @@ class EarlyStopping:
         self.best, self.best_round, self.bad = math.inf, None, 0
 
     def update(self, row: dict) -> None:
+        """Count one evaluation (a row without the metric, e.g. a round `eval.every`
+        skipped or a failed attempt, is none)."""
         value = row.get(self.metric)
-        if (
-            value is not None
-            and math.isfinite(value)
-            and self.sign * value < self.best - self.min_delta
-        ):
+        if value is None:
+            return
+        if math.isfinite(value) and self.sign * value < self.best - self.min_delta:
             self.best, self.best_round, self.bad = self.sign * value, row["round"], 0
         else:
             self.bad += 1

@@ -238,6 +238,10 @@ class StrategyConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = _f(8, "examples per evaluation batch", "> 0")
+    every: int = _f(
+        1, "evaluate on the server's test split at round 0, every N rounds and the last "
+        "(0 = only the last round); early stopping counts evaluations", ">= 0",
+    )  # fmt: skip
     max_blocks: int = _f(0, "evaluate at most N test blocks / examples (0 = all)", ">= 0")
     generate: bool = _f(
         True,
