@@ -35,6 +35,7 @@ LAYERS = [
     "model",
     "scoring",
     "mmlu",
+    "losses",
     "train",
     "evaluate",
     "kd",

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from fedtune import checkpoint, config as C, mmlu, model as M, tasks
 from fedtune.config import Config
 from fedtune.errors import ConfigError
+from fedtune.losses import causal_lm_loss_sum
 from fedtune.metrics import classification_metrics, rouge
 from fedtune.model import autocast
 from fedtune.scoring import choose, generate_greedy, score_candidates
-from fedtune.tasks import IGNORE, classification_prompt, collate, encode_completion, label_text
+from fedtune.tasks import classification_prompt, collate, encode_completion, label_text
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +38,21 @@ def _batches(examples, batch_size, pad_id, device):
 
 @torch.no_grad()
 def eval_lm(
-    model, examples: list[dict], batch_size: int, pad_id: int, precision: str = "fp32"
+    model,
+    examples: list[dict],
+    batch_size: int,
+    pad_id: int,
+    precision: str = "fp32",
+    fused: bool = True,
 ) -> dict:
     """Mean next-token cross-entropy over every labelled target token, and exp of it."""
     model.eval()
     total, count = 0.0, 0
     for batch in _batches(examples, batch_size, pad_id, model.device):
-        labels = batch.pop("labels")
         with autocast(precision, model.device):
-            logits = model(**batch).logits
-        targets = labels[:, 1:]
-        total += F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1),
-            targets.flatten(),
-            ignore_index=IGNORE,
-            reduction="sum",
-        ).item()
-        count += int((targets != IGNORE).sum())
+            loss_sum, n = causal_lm_loss_sum(model, batch, fused)
+        total += loss_sum.item()
+        count += n
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
@@ -85,7 +84,7 @@ def eval_prompt_classification(model, tokenizer, rows, examples: list[dict], cfg
     """Label loss, log-likelihood accuracy, and (eval.generate) generation accuracy + ROUGE."""
     t, e, prec = cfg.task, cfg.eval, cfg.train.precision
     pad_id = tokenizer.pad_token_id
-    out = eval_lm(model, examples, e.batch_size, pad_id, prec)
+    out = eval_lm(model, examples, e.batch_size, pad_id, prec, cfg.train.fused_loss)
     out.pop("eval_ppl")
     prompts = [classification_prompt(r, t) for r in rows]
     golds = [ex["class_label"] for ex in examples]
@@ -129,7 +128,7 @@ def evaluate_task(model, tokenizer, cfg: Config, rows, examples: list[dict]) -> 
         )
     if kind == "prompt-classification":
         return eval_prompt_classification(model, tokenizer, rows, examples, cfg)
-    return eval_lm(model, examples, e.batch_size, pad_id, cfg.train.precision)
+    return eval_lm(model, examples, e.batch_size, pad_id, cfg.train.precision, cfg.train.fused_loss)
 
 
 def run_suites(model, tokenizer, cfg: Config, out_dir, rnd) -> dict:

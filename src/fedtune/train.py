@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.config import TrainConfig
+from fedtune.losses import task_loss
 from fedtune.model import autocast
 from fedtune.tasks import IGNORE, collate
 
@@ -86,8 +87,9 @@ def train_local(
 ) -> TrainResult:
     """Train `model` in place on `examples` (see fedtune.tasks) for this round's steps.
 
-    The task loss is `model(**batch).loss` (the masks in the batch decide which tokens
-    count), or `loss_fn(model, batch)` when given (knowledge distillation); both are means
+    The task loss is `model(**batch).loss`, for causal LMs computed only at the labelled
+    positions (fedtune.losses; the masks in the batch decide which tokens count), or
+    `loss_fn(model, batch)` when given (knowledge distillation); both are means
     over the micro-batch's targets. With gradient accumulation each micro-batch's mean is
     weighted by its share of the window's targets, so a step's gradient is that of the mean
     over every target token in the window (micro-batches of masked tasks hold different
@@ -125,7 +127,7 @@ def train_local(
         total_targets = max(sum(counts), 1)
         for i, ((n_picked, batch), count) in enumerate(zip(window, counts)):
             with autocast(cfg.precision, model.device):
-                loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
+                loss = loss_fn(model, batch) if loss_fn else task_loss(model, batch, cfg.fused_loss)
             weighted = loss * (count / total_targets)
             if anchors and i == 0:
                 weighted = weighted + proximal_mu / 2 * proximal_term(params, anchors)

@@ -220,6 +220,10 @@ class TrainConfig:
         "fp32", "bf16: CPU/GPU autocast, weights stay in model.dtype; auto: bf16 where the "
         "device has it natively (CUDA, AVX512-BF16/AMX CPUs; emulated it is ~50x slower)",
     )  # fmt: skip
+    fused_loss: bool = _f(
+        True, "causal LMs: apply the head and the loss only at labelled positions, in "
+        "chunks (same loss; false = the model's own full-logits loss)",
+    )  # fmt: skip
     seed: int = _f(0, "seed of data shuffling, partitions, LoRA init and local batches")
     early_stopping: EarlyStoppingConfig = _f(
         EarlyStoppingConfig(), "stop when the centralized metric stops improving"
