@@ -91,6 +91,7 @@ def one(recipe: str, sets: list[str], steps: int, threads: int) -> dict:
     per_token = flops_per_token(model, cfg.data.seq_len, cfg.model.finetune == "full")
     return {
         "tokens_per_s": r.tokens / r.seconds,
+        "padding": 1 - r.tokens / r.positions,
         "step_seconds": r.seconds / r.steps,
         "gflops": r.tokens * per_token / r.seconds / 1e9,
         "precision_ran": M.resolved_precision(cfg.train.precision, model.device),

@@ -338,10 +338,15 @@ def test_eval_every_thins_server_evaluation_and_changes_nothing_else(
     full, thin = runs[1], runs[every]
     assert [r["round"] for r in thin if "eval_loss" in r] == evaluated
     assert all("eval_seconds" not in r for r in thin if r["round"] not in evaluated)
+    # not bit-equal: replies fold into the mean in arrival order, which follows Flower's
+    # random node ids, and a float32 fold (a fused multiply-add) rounds by order at 1 ulp
     for a, b in zip(full, thin):
-        assert b.get("train_loss") == a.get("train_loss")
+        if a["round"] == 0:
+            assert "train_loss" not in b or b["train_loss"] is None
+        else:
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
         if b["round"] in evaluated:
-            assert b["eval_loss"] == a["eval_loss"]
+            assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)
     summary = json.loads((tmp_path / f"every{every}" / "summary.json").read_text())
     assert summary["best_round"] in evaluated
 

@@ -172,3 +172,17 @@ def test_head_that_is_not_plain_linear_falls_back():
     assert losses.split_head(wrapped) is None
     b = batch(masked=True)
     torch.testing.assert_close(losses.causal_lm_loss(wrapped, b), wrapped(**b).loss)
+
+
+def test_evaluation_computes_no_gradients_even_for_a_trainable_head(monkeypatch):
+    """Under no_grad the loss is the same number and no [V, d] gradient is allocated."""
+    model = llama(tied=True).eval()
+    b = batch(masked=True)
+    seen = []
+    real = losses._chunked
+    monkeypatch.setattr(losses, "_chunked", lambda *a: seen.append(a[-1]) or real(*a))
+    with torch.no_grad():
+        got = losses.causal_lm_loss(model, b)
+        ref = model(**b).loss
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert seen == [(False, False, False)]

@@ -5,7 +5,14 @@ import torch
 
 from fedtune import config as C, model as M
 from fedtune.evaluate import eval_lm
-from fedtune.train import lr_for_round, num_local_steps, proximal_term, train_local
+from fedtune.train import (
+    MEGABATCH,
+    epoch_order,
+    lr_for_round,
+    num_local_steps,
+    proximal_term,
+    train_local,
+)
 
 
 def make_cfg(tiny_model_dir, *overrides):
@@ -256,3 +263,45 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
     assert dtype == (torch.bfloat16 if native else torch.float32)
     warned = C.config_warnings(C.load(None, ["train.precision=bf16"], check_paths=False))
     assert any("emulated" in w for w in warned) is not native
+
+
+def test_group_by_length_keeps_packed_blocks_in_the_permutations_order():
+    a = epoch_order([16] * 300, 4, torch.Generator().manual_seed(3), group=True)
+    b = epoch_order([16] * 300, 4, torch.Generator().manual_seed(3), group=False)
+    assert a == b == torch.randperm(300, generator=torch.Generator().manual_seed(3)).tolist()
+
+
+def padding(lengths, order, batch_size):
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    width = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return 1 - sum(lengths) / width
+
+
+def test_group_by_length_batches_similar_lengths_in_a_random_batch_order():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 200, (1000,), generator=g).tolist()
+    order = epoch_order(lengths, 4, torch.Generator().manual_seed(1), group=True)
+    plain = epoch_order(lengths, 4, torch.Generator().manual_seed(1), group=False)
+    assert sorted(order) == list(range(1000))  # every example once per epoch
+    batches = [order[i : i + 4] for i in range(0, 1000, 4)]
+    size = 4 * MEGABATCH  # each batch comes from one window of the permutation, sorted
+    windows = [set(plain[i : i + size]) for i in range(0, 1000, size)]
+    for b in batches:
+        assert any(set(b) <= w for w in windows)
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    assert padding(lengths, order, 4) < 0.1 < 0.3 < padding(lengths, plain, 4)
+    # the first 10 batches (a short round) are not just the longest examples
+    first = [lengths[i] for b in batches[:10] for i in b]
+    assert min(first) < 100 < max(first)
+    again = epoch_order(lengths, 4, torch.Generator().manual_seed(1), group=True)
+    assert again == order
+
+
+def test_train_local_counts_padding_positions(tiny_model_dir):
+    """Lengths 3, 5, 2, 6, batch 2, one epoch, grouped: batches [6, 5] and [3, 2] (in
+    either order), so 16 tokens in 2*6 + 2*3 positions."""
+    cfg = make_cfg(tiny_model_dir, "train.local_steps=2", "train.group_by_length=true")
+    model = M.load_model(cfg)
+    ex = [{"input_ids": list(range(1, n + 1))} for n in (3, 5, 2, 6)]
+    r = train_local(model, ex, cfg.train, 1e-3, 0.0, seed=0)
+    assert (r.tokens, r.positions) == (16, 2 * 6 + 2 * 3)

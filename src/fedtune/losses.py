@@ -32,37 +32,47 @@ def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _chunked(h, weight, bias, targets, chunk_rows: int, dtype: torch.dtype, need):
+    """The loss sum and, for the inputs flagged in `need` (h, weight, bias), the gradients
+    of that sum, one chunk of rows at a time."""
+    need_h, need_w, need_b = need
+    grad_h = torch.empty_like(h, dtype=torch.float32) if need_h else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+    grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk_rows):
+        hc = h[start : start + chunk_rows].to(dtype)
+        yc = targets[start : start + chunk_rows]
+        logits = (hc @ w.T if b is None else torch.addmm(b, hc, w.T)).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+        if not any(need):
+            continue
+        # d CE / d logits = softmax - onehot, built in place in the logits' buffer
+        grad = logits.sub_(lse[:, None]).exp_()
+        grad[torch.arange(len(yc), device=grad.device), yc] -= 1.0
+        g = grad.to(dtype)
+        if need_h:
+            grad_h[start : start + chunk_rows] = g @ w
+        if need_w:
+            grad_w += (g.T @ hc).float()
+        if need_b:
+            grad_b += grad.sum(0)
+    return total, (grad_h, grad_w, grad_b)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i @ W.T + b, y_i) over N rows, chunked; returns a 0-d fp32 sum."""
+    """sum_i CE(h_i @ W.T + b, y_i) over N rows, chunked; returns a 0-d fp32 sum. The
+    gradients are computed in forward (each chunk's logits are freed at once) and only
+    scaled by the incoming gradient in backward."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_rows: int, dtype: torch.dtype):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(h, dtype=torch.float32) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], chunk_rows):
-            hc = h[start : start + chunk_rows].to(dtype)
-            yc = targets[start : start + chunk_rows]
-            logits = (hc @ w.T if b is None else torch.addmm(b, hc, w.T)).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            # d CE / d logits = softmax - onehot, built in place in the logits' buffer
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(len(yc), device=grad.device), yc] -= 1.0
-            g = grad.to(dtype)
-            if need_h:
-                grad_h[start : start + chunk_rows] = g @ w
-            if need_w:
-                grad_w += (g.T @ hc).float()
-            if need_b:
-                grad_b += grad.sum(0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        need = ctx.needs_input_grad[:3]
+        total, grads = _chunked(h, weight, bias, targets, chunk_rows, dtype, need)
+        ctx.save_for_backward(*grads)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
@@ -75,9 +85,12 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h, weight, bias, targets) -> torch.Tensor:
-    """Sum of cross-entropies of the rows of `h` through the head (weight [V, d], bias)."""
+    """Sum of cross-entropies of the rows of `h` through the head (weight [V, d], bias).
+    Without autograd (evaluation) no gradient is computed, even for trainable weights."""
     rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
     dtype = _compute_dtype(h.device.type, h.dtype)
+    if not torch.is_grad_enabled():
+        return _chunked(h, weight, bias, targets, rows, dtype, (False, False, False))[0]
     return LinearCrossEntropy.apply(h, weight, bias, targets, rows, dtype)
 
 

@@ -116,6 +116,7 @@ def round_row(rnd, lr, messages, received: list[dict], t_train: float) -> dict:
 
     samples = sum(int(m["train_samples"]) for m in cm)
     tokens = sum(int(m["train_tokens"]) for m in cm)
+    positions = sum(int(m.get("train_positions", m["train_tokens"])) for m in cm)
     return {
         "round": rnd,
         "lr": lr,
@@ -125,6 +126,7 @@ def round_row(rnd, lr, messages, received: list[dict], t_train: float) -> dict:
         "clients_failed": len(messages) - len(cm),
         "train_samples": samples,
         "train_tokens": tokens,
+        "train_padding": 1 - tokens / positions if positions else 0.0,  # share of positions
         # throughput of the training phase as the server's clock sees it (clients in
         # parallel or one after another, setup and transfer included)
         "samples_per_s": samples / t_train if t_train else 0.0,

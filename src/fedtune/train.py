@@ -20,6 +20,8 @@ from fedtune.tasks import IGNORE, collate
 
 log = logging.getLogger(__name__)
 
+MEGABATCH = 64  # group_by_length sorts within windows of this many batches (as HF's sampler)
+
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     """The seed of one client's round (batch order, dropout): a pure function of the run's
@@ -59,6 +61,25 @@ def target_count(batch: dict) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
+def epoch_order(
+    lengths: list[int], batch_size: int, gen: torch.Generator, group: bool
+) -> list[int]:
+    """One epoch's example order: a seeded permutation. With `group`, each window of
+    MEGABATCH batches is sorted by length and cut into batches, and the batches are then
+    shuffled: a batch holds examples of similar length (less padding), and a round of a
+    few steps still sees a random sample of the data, not only its longest examples.
+    Examples of one length (packed blocks) have nothing to group: their order is unchanged."""
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    if not group or len(set(lengths)) <= 1:
+        return order
+    size = batch_size * MEGABATCH
+    batches = []
+    for start in range(0, len(order), size):
+        window = sorted(order[start : start + size], key=lambda i: -lengths[i])
+        batches += [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
+    return [i for b in torch.randperm(len(batches), generator=gen).tolist() for i in batches[b]]
+
+
 def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> torch.Tensor:
     """||w - w_global||^2 over the trainable tensors (FedProx adds mu/2 times this)."""
     return sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
@@ -71,6 +92,7 @@ class TrainResult:
     samples: int  # examples trained on (with repeats across epochs)
     tokens: int  # non-padding tokens trained on
     seconds: float
+    positions: int = 0  # positions computed, padding included (tokens / positions = 1 - pad)
 
 
 def train_local(
@@ -109,16 +131,18 @@ def train_local(
     # (seed, round, client), not on what the process ran before (resume, caching, deployment)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(examples), generator=gen)
-    cursor, loss_sum, targets_seen, samples, tokens = 0, 0.0, 0, 0, 0
+    lengths = [len(e["input_ids"]) for e in examples]
+    order = epoch_order(lengths, cfg.batch_size, gen, cfg.group_by_length)
+    cursor, loss_sum, targets_seen, samples, tokens, positions = 0, 0.0, 0, 0, 0, 0
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
         window = []
         for _ in range(cfg.grad_accum):
             if cursor >= len(order):  # next epoch: a fresh permutation
-                order, cursor = torch.randperm(len(examples), generator=gen), 0
-            picked = [examples[i] for i in order[cursor : cursor + cfg.batch_size].tolist()]
+                order = epoch_order(lengths, cfg.batch_size, gen, cfg.group_by_length)
+                cursor = 0
+            picked = [examples[i] for i in order[cursor : cursor + cfg.batch_size]]
             cursor += cfg.batch_size
             window.append(
                 (len(picked), {k: v.to(model.device) for k, v in collate(picked, pad_id).items()})
@@ -136,6 +160,7 @@ def train_local(
             targets_seen += count
             samples += n_picked
             tokens += int(batch["attention_mask"].sum())
+            positions += batch["attention_mask"].numel()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -151,4 +176,5 @@ def train_local(
         samples=samples,
         tokens=tokens,
         seconds=seconds,
+        positions=positions,
     )

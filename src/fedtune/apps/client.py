@@ -77,6 +77,7 @@ def reply_metrics(result, num_examples: int, mu: float, process_age: float, pid:
             "train_steps": result.steps,
             "train_samples": result.samples,
             "train_tokens": result.tokens,
+            "train_positions": result.positions,
             "train_seconds": result.seconds,
             "proximal_mu": mu,
             "process_age_seconds": process_age,
