@@ -305,3 +305,21 @@ def test_train_local_counts_padding_positions(tiny_model_dir):
     ex = [{"input_ids": list(range(1, n + 1))} for n in (3, 5, 2, 6)]
     r = train_local(model, ex, cfg.train, 1e-3, 0.0, seed=0)
     assert (r.tokens, r.positions) == (16, 2 * 6 + 2 * 3)
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_like_eager(tiny_model_dir, monkeypatch):
+    """train.compile: the same losses and weights as eager, to float rounding (without
+    dropout: compiled code draws its masks from another random stream)."""
+    compiled_fns, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: compiled_fns.append(f) or real(f, **kw))
+    runs = {}
+    for compiled in (False, True):
+        cfg = make_cfg(tiny_model_dir, "lora.dropout=0", f"train.compile={str(compiled).lower()}")
+        model = M.load_model(cfg, seed=0)
+        r = train_local(model, examples(), cfg.train, 1e-2, 0.0, seed=0)
+        runs[compiled] = (r.loss, flat(model))
+    assert len(compiled_fns) == 1  # the compiled run really compiled
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(runs[False][1], flat(M.load_model(make_cfg(tiny_model_dir), seed=0)))

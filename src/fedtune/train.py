@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -131,6 +132,9 @@ def train_local(
     # (seed, round, client), not on what the process ran before (resume, caching, deployment)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    step_loss = loss_fn or partial(task_loss, fused=cfg.fused_loss)
+    if cfg.compile:  # dynamo caches per code object: later rounds in this process reuse it
+        step_loss = torch.compile(step_loss, dynamic=None)
     lengths = [len(e["input_ids"]) for e in examples]
     order = epoch_order(lengths, cfg.batch_size, gen, cfg.group_by_length)
     cursor, loss_sum, targets_seen, samples, tokens, positions = 0, 0.0, 0, 0, 0, 0
@@ -151,7 +155,7 @@ def train_local(
         total_targets = max(sum(counts), 1)
         for i, ((n_picked, batch), count) in enumerate(zip(window, counts)):
             with autocast(cfg.precision, model.device):
-                loss = loss_fn(model, batch) if loss_fn else task_loss(model, batch, cfg.fused_loss)
+                loss = step_loss(model, batch)
             weighted = loss * (count / total_targets)
             if anchors and i == 0:
                 weighted = weighted + proximal_mu / 2 * proximal_term(params, anchors)

@@ -224,6 +224,11 @@ class TrainConfig:
         True, "batch examples of similar length, batches in a seeded random order (less "
         "padding: instruct demo epoch 1.45x faster); packed blocks are unchanged by it",
     )  # fmt: skip
+    compile: bool = _f(
+        False, "torch.compile the loss step: demo step 1.14x faster on a 2-core CPU after "
+        "a 270 s compile, paid again by every new process (worth it for long rounds); "
+        "dropout masks come from another random stream",
+    )  # fmt: skip
     fused_loss: bool = _f(
         True, "causal LMs: apply the head and the loss only at labelled positions, in "
         "chunks (same loss; false = the model's own full-logits loss)",
