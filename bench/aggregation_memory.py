@@ -44,6 +44,18 @@ def _status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+OPT_350M = dict(  # facebook/opt-350m's shape, for models built from a config
+    hidden_size=1024,
+    ffn_dim=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    word_embed_proj_dim=512,
+    vocab_size=50272,
+    max_position_embeddings=2048,
+    do_layer_norm_before=False,
+)
+
+
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
 
@@ -60,17 +72,7 @@ def child(path: str, strategy_name: str, n: int, small: bool) -> dict:
 
     torch.manual_seed(0)
     size = dict(hidden_size=256, ffn_dim=1024, num_hidden_layers=4) if small else {}
-    opt350m = dict(
-        hidden_size=1024,
-        ffn_dim=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        word_embed_proj_dim=512,
-        vocab_size=50272,
-        max_position_embeddings=2048,
-        do_layer_norm_before=False,
-    )
-    model = OPTForCausalLM(OPTConfig(**(opt350m | size)))
+    model = OPTForCausalLM(OPTConfig(**(OPT_350M | size)))
     state = {k: v.detach() for k, v in model.named_parameters()}
     model_bytes = sum(t.numel() * 4 for t in state.values())
     momentum = ["strategy.params.server_momentum=0.9"] if strategy_name == "fedavgm" else []

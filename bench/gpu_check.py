@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from aggregation_memory import OPT_350M  # bench/ is on sys.path: the script's folder
 from fedtune import config as C, model as M, tasks
 from fedtune.simulation import prepare
 from fedtune.train import train_local
@@ -67,16 +68,7 @@ def opt350m_folder(root: Path) -> Path:
     from tinymodels import gpt2_tokenizer  # noqa: PLC0415 - bench-only helper from tests
 
     tok = GPT2Tokenizer.from_pretrained(gpt2_tokenizer(root / "tok"))
-    cfg = OPTConfig(
-        vocab_size=len(tok),
-        hidden_size=1024,
-        word_embed_proj_dim=512,
-        ffn_dim=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        max_position_embeddings=2048,
-        do_layer_norm_before=False,
-    )
+    cfg = OPTConfig(**(OPT_350M | {"vocab_size": len(tok)}))
     OPTForCausalLM(cfg).save_pretrained(root / "opt350m")
     tok.save_pretrained(root / "opt350m")
     return root / "opt350m"
