@@ -112,7 +112,7 @@ def test_a_killed_supernode_is_dropped_then_rejoins_and_is_sampled_again(
     out = tmp_path / "run"
     sets = tiny_overrides(tiny_model_dir, code_jsonl, out, "output.plots=false")
     sets += ["federation.num_clients=3", "federation.rounds=5", "federation.min_clients=2"]
-    sets += ["federation.round_timeout_s=20", "federation.client_threads=1"]
+    sets += ["federation.round_timeout_s=60", "federation.client_threads=1"]
     cfg = load(str(ROOT / "recipes/demo.toml"), sets)
     prepare(cfg)
     with LocalDeployment(tmp_path / "deployment", 3) as dep:
@@ -133,7 +133,7 @@ def test_a_killed_supernode_is_dropped_then_rejoins_and_is_sampled_again(
     assert hit and all(f["partition"] == 2 for r in hit for f in r["failures"]), seen
     assert all((r["clients_ok"], r["clients_failed"]) == (2, 1) for r in hit)
     later = [r for r in rows[1:] if r["round"] > hit[-1]["round"]]
-    assert later and later[-1]["clients_ok"] == 3  # the restarted node was sampled again
+    assert later and later[-1]["clients_ok"] == 3, seen  # the restarted node was sampled again
     per_client = rows[1]["bytes_up"] / rows[1]["clients_ok"]
     assert all(r["bytes_up"] == per_client * r["clients_ok"] for r in rows[1:])
     assert all(math.isfinite(r["eval_loss"]) for r in rows)
