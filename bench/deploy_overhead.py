@@ -1,12 +1,13 @@
-"""Per-round time in deployment vs simulation vs a plain local loop, with a breakdown.
+"""Per-round time in deployment (with and without `fedtune worker`s) vs simulation vs a
+plain local loop, with a breakdown.
 
     python bench/deploy_overhead.py                 # demo recipe, 2 rounds
     python bench/deploy_overhead.py --rounds 3 --set train.local_steps=4
 
-Flower 1.41's deployment runtime starts a fresh ClientApp process for every message, so each
-client pays process start + imports, model load and data preparation every round; this
-prints how much, per round, next to the same recipe in simulation and in a plain loop.
-Not a test: the numbers depend on the machine and its load.
+Flower 1.41's deployment runtime starts a fresh ClientApp process for every message, so
+without workers each client pays process start + imports, model load and data preparation
+every round; with a worker beside each SuperNode (the `fedtune deploy local` default) the
+per-message process only relays to it. Not a test: the numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -38,43 +39,59 @@ def main() -> None:
         "output.save_every=0",
         *args.set,
     ]
+    deps = {}
     with tempfile.TemporaryDirectory() as tmp:
         _, _, sim_rows = flower_run(args.recipe, overrides, Path(tmp) / "sim")
-        cfg = C.load(args.recipe, [*overrides, f"output.dir={Path(tmp) / 'dep'}"])
-        deploy_local(cfg)  # its progress is logged; nothing configures logging here
-        dep_rows = read_metrics(Path(tmp) / "dep")
+        for name, workers in (("workers", True), ("no workers", False)):
+            out = Path(tmp) / name.replace(" ", "-")
+            cfg = C.load(args.recipe, [*overrides, f"output.dir={out}"])
+            deploy_local(cfg, workers=workers)  # progress is logged; nothing configures logging
+            deps[name] = read_metrics(out)
     setup, loop_s, _ = plain_loop(C.load(args.recipe, overrides))
 
     n = cfg.federation.num_clients
-    print(f"recipe {args.recipe}, {n} clients, {overrides}")
-    print(f"{'round':>5} {'deployment':>11} {'simulation':>11} {'plain loop':>11}   (seconds)")
-    for d, s in zip(dep_rows[1:], sim_rows[1:]):
+    print(f"recipe {args.recipe}, {n} clients, {overrides}; {cpu_name()}")
+    print(f"{os.cpu_count()} cores; seconds per round")
+    print("| round | deployment, workers | deployment, no workers | simulation | plain loop |")
+    print("|---|---|---|---|---|")
+    for w, d, s in zip(deps["workers"][1:], deps["no workers"][1:], sim_rows[1:]):
+        sim = s["round_seconds"]
         print(
-            f"{d['round']:>5} {d['round_seconds']:>11.1f} {s['round_seconds']:>11.1f} "
-            f"{loop_s / args.rounds:>11.1f}"
+            f"| {w['round']} | {w['round_seconds']:.1f} ({w['round_seconds'] / sim:.2f}x)"
+            f" | {d['round_seconds']:.1f} ({d['round_seconds'] / sim:.2f}x)"
+            f" | {sim:.1f} | {loop_s / args.rounds:.1f} |"
         )
     print(f"plain loop setup (model load + data, once): {setup:.1f} s")
-    print(
-        "deployment breakdown per round (slowest client for each part; the clients of a "
-        "round run in parallel):"
-    )
-    for d in dep_rows[1:]:
-        rest = (
-            d["round_seconds"]
-            - d["client_process_age_seconds_max"]
-            - d["client_setup_seconds_max"]
-            - d["client_train_seconds_max"]
-            - d["eval_seconds"]
-        )
-        print(
-            f"  round {d['round']}: spawn+imports {d['client_process_age_seconds_max']:.1f}"
-            f" | model load {d['client_model_load_seconds_max']:.1f}"
-            f" | data {d['client_data_seconds_max']:.1f}"
-            f" | training {d['client_train_seconds_max']:.1f}"
-            f" | server eval {d['eval_seconds']:.1f}"
-            f" | transfer, aggregation, waiting {rest:.1f}"
-            f" | {(d['bytes_down'] + d['bytes_up']) / 2**20:.1f} MiB moved"
-        )
+    print("breakdown per round (slowest client for each part; a round's clients run at once):")
+    for name, rows in deps.items():
+        for d in rows[1:]:
+            rest = (
+                d["round_seconds"]
+                - d["client_process_age_seconds_max"]
+                - d["client_setup_seconds_max"]
+                - d["client_train_seconds_max"]
+                - d["eval_seconds"]
+            )
+            print(
+                f"  {name}, round {d['round']}: ClientApp spawn+imports "
+                f"{d['client_process_age_seconds_max']:.1f}"
+                f" | model load {d['client_model_load_seconds_max']:.1f}"
+                f" | data {d['client_data_seconds_max']:.1f}"
+                f" | training {d['client_train_seconds_max']:.1f}"
+                f" | server eval {d['eval_seconds']:.1f}"
+                f" | transfer, aggregation, waiting {rest:.1f}"
+                f" | {(d['bytes_down'] + d['bytes_up']) / 2**20:.1f} MiB moved"
+                f" | warm workers {d['client_workers']}, fallbacks {d['client_worker_fallbacks']}"
+            )
+
+
+def cpu_name() -> str:
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return ""
 
 
 if __name__ == "__main__":

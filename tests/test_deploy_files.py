@@ -355,6 +355,44 @@ def test_superexecs_point_at_existing_runtime_apis(combo):
     assert all(len(v) == 1 for v in served_by_node.values()), served_by_node  # one each
 
 
+def mounts(svc: dict) -> dict[str, str]:
+    """container path -> source of a service's volumes."""
+    out = {}
+    for v in svc.get("volumes", []):
+        source, target = (v["source"], v["target"]) if isinstance(v, dict) else v.split(":")[:2]
+        out[target] = source
+    return out
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=COMBO_IDS)
+def test_every_supernode_names_a_worker_its_clientapp_reaches(combo):
+    """node config `worker-socket` is read by the ClientApp (in clientapp-N): the folder of
+    that path must be a volume clientapp-N shares with exactly one `fedtune worker` whose
+    --socket is that path, and the worker sees the same data and cache as the ClientApp."""
+    from flwr.common.config import parse_config_args
+
+    services, flower = merged(combo), flower_services(combo)
+    workers = {n: argv(s) for n, s in services.items() if argv(s)[:2] == ["fedtune", "worker"]}
+    volumes_used = []
+    for node, args in of(flower, "flower-supernode").items():
+        sock = parse_config_args([value(args, "--node-config")])["worker-socket"]
+        folder = str(Path(sock).parent)
+        api = (node, int(value(args, "--port")))
+        (app,) = [
+            n
+            for n, a in of(flower, "flower-superexec").items()
+            if host_port(value(a, "--runtime-api-address")) == api
+        ]
+        volume = mounts(services[app])[folder]
+        mine = [n for n, a in workers.items() if mounts(services[n]).get(folder) == volume]
+        assert len(mine) == 1, (node, app, mine)
+        assert value(workers[mine[0]], "--socket") == sock, mine
+        for path in ("/data", "/cache"):
+            assert mounts(services[mine[0]])[path] == mounts(services[app])[path], (mine, path)
+        volumes_used.append(volume)
+    assert len(set(volumes_used)) == len(volumes_used), volumes_used  # one pair per socket
+
+
 @pytest.mark.parametrize("combo", COMBOS, ids=COMBO_IDS)
 def test_tls_settings_agree_on_both_ends_of_every_link(combo):
     flower = flower_services(combo)

@@ -47,21 +47,31 @@ def wait_for_refusal(dep):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
-def test_deployment_gives_the_simulation_metrics(tmp_path, tiny_model_dir, code_jsonl, tls):
+@pytest.mark.parametrize(
+    "tls, workers", [(False, True), (True, False)], ids=["insecure-workers", "tls-no-workers"]
+)
+def test_deployment_gives_the_simulation_metrics(
+    tmp_path, tiny_model_dir, code_jsonl, tls, workers
+):
+    """Same metrics as simulation, whether a warm `fedtune worker` beside each SuperNode
+    trains (the default) or every per-message ClientApp process loads model and data."""
     sim, dep = tmp_path / "sim", tmp_path / "dep"
     same = ("output.plots=false", "federation.client_threads=1")  # no thread adjustment
     run_cli(tiny_overrides(tiny_model_dir, code_jsonl, sim, *same))
-    args = [
-        sys.executable,
-        "-m",
-        "fedtune.cli",
-        "deploy",
-        "local",
-        str(ROOT / "recipes/demo.toml"),
-        "--clients",
-        "2",
-    ] + (["--tls"] if tls else [])
+    args = (
+        [
+            sys.executable,
+            "-m",
+            "fedtune.cli",
+            "deploy",
+            "local",
+            str(ROOT / "recipes/demo.toml"),
+            "--clients",
+            "2",
+        ]
+        + (["--tls"] if tls else [])
+        + ([] if workers else ["--no-workers"])
+    )
     for o in tiny_overrides(tiny_model_dir, code_jsonl, dep, *same):
         args += ["--set", o]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
@@ -74,9 +84,12 @@ def test_deployment_gives_the_simulation_metrics(tmp_path, tiny_model_dir, code_
         if ra["round"]:
             assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
             assert rb["bytes_up"] == ra["bytes_up"] and rb["clients_ok"] == 2
-    # every message started a fresh ClientApp process, yet the tokenized partition came
-    # from the on-disk cache written by the simulation run
-    assert all(r["client_model_loads"] == 2 for r in b[1:])
+    if workers:  # the workers loaded the model in round 1 and kept it
+        assert [r["client_model_loads"] for r in b[1:]] == [2, 0]
+        assert all((r["client_workers"], r["client_worker_fallbacks"]) == (2, 0) for r in b[1:])
+    else:  # every message started a fresh ClientApp process that loaded the model; the
+        # tokenized partition came from the on-disk cache written by the simulation run
+        assert all(r["client_model_loads"] == 2 and r["client_workers"] == 0 for r in b[1:])
     assert (dep / "summary.json").exists() and (dep / "final" / "adapter_config.json").exists()
     assert not flower_processes(str(dep)), "processes left running after the deployment"
 
@@ -138,6 +151,40 @@ def test_a_killed_supernode_is_dropped_then_rejoins_and_is_sampled_again(
     assert all(r["bytes_up"] == per_client * r["clients_ok"] for r in rows[1:])
     assert all(math.isfinite(r["eval_loss"]) for r in rows)
     assert (out / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_costs_one_cold_round_and_is_restarted(
+    tmp_path, tiny_model_dir, code_jsonl
+):
+    """worker-1 is SIGKILLed after round 1: in round 2 its SuperNode's ClientApp trains
+    in-process (and the row says so), `check_nodes` restarts the worker, and the last round
+    is warm on both nodes again; every loss equals simulation's."""
+    sim, out = tmp_path / "sim", tmp_path / "run"
+    sets = ["output.plots=false", "federation.rounds=4", "federation.client_threads=1"]
+    run_cli(tiny_overrides(tiny_model_dir, code_jsonl, sim, *sets))
+    cfg = load(
+        str(ROOT / "recipes/demo.toml"), tiny_overrides(tiny_model_dir, code_jsonl, out, *sets)
+    )
+    prepare(cfg)
+    with LocalDeployment(tmp_path / "deployment", 2, workers=True) as dep:
+        run_id = dep.submit(cfg)
+        wait_until(lambda: len(read_metrics(out)) >= 2, 300)  # round 1 done
+        victim = dict(dep.procs)["worker-1"]
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        wait_until(lambda: len(read_metrics(out)) >= 3, 300)  # round 2 done, cold on node 1
+        dep.check_nodes()  # restarts worker-1
+        assert victim not in [p for _, p in dep.procs] and "worker-1" in dict(dep.procs)
+        wait_until(lambda: str(dep.status(run_id).get("status")).startswith("finished"), 300)
+        assert dep.status(run_id)["status"] == "finished:completed"
+    rows, expected = read_metrics(out), read_rows(sim)
+    warm = [(r["client_workers"], r["client_worker_fallbacks"]) for r in rows[1:]]
+    assert warm[0] == (2, 0) and warm[1] == (1, 1) and warm[3] == (2, 0), warm
+    for a, b in zip(expected, rows, strict=True):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5), a["round"]
+        if a["round"]:
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5), a["round"]
 
 
 def wait_until(condition, timeout: float, poll: float = 0.2) -> None:

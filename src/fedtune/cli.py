@@ -112,7 +112,13 @@ def cmd_deploy(args) -> int:
     _preflight(cfg)
     from fedtune.deploy import deploy_local
 
-    summary = deploy_local(cfg, tls=args.tls or args.auth, auth=args.auth, timeout=args.timeout)
+    summary = deploy_local(
+        cfg,
+        tls=args.tls or args.auth,
+        auth=args.auth,
+        timeout=args.timeout,
+        workers=not args.no_workers,
+    )
     print(
         json.dumps(
             {
@@ -124,6 +130,13 @@ def cmd_deploy(args) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from fedtune.apps.worker import run
+
+    run(args.socket, lock=args.lock or "")
     return 0
 
 
@@ -258,8 +271,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls", action="store_true", help="TLS with a generated local CA")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication (implies TLS)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before giving up")
+    p.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="no `fedtune worker` beside each SuperNode: every ClientApp process loads the "
+        "model and data itself, each round (Flower's own behaviour)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_deploy)
+    p = sub.add_parser(
+        "worker",
+        help="keep model and data warm beside a SuperNode: its ClientApps relay train "
+        'messages here (node config worker-socket="PATH")',
+    )
+    p.add_argument("--socket", required=True, help="Unix socket path (at most 100 bytes)")
+    p.add_argument(
+        "--lock",
+        help="a file shared by the workers of one machine: they then train one at a "
+        "time on all cores (as `fedtune deploy local` runs them)",
+    )
+    p.set_defaults(fn=cmd_worker)
     p = sub.add_parser(
         "report", help="(re)write report.md/.html and plots of one run, or overlay several runs"
     )

@@ -16,11 +16,13 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -133,8 +135,11 @@ class LocalDeployment:
         tls: bool = False,
         auth: bool = False,
         node_configs: list[str] | None = None,
+        workers: bool = False,
     ):
         self.work, self.n, self.tls, self.auth = Path(work), num_nodes, tls or auth, auth
+        # a `fedtune worker` per SuperNode; sockets in a short folder (Unix paths <= 107 bytes)
+        self.sockets = Path(tempfile.mkdtemp(prefix="fedtune-")) if workers else None
         self.node_configs = node_configs or [""] * num_nodes
         self.port = free_port()
         self.procs: list[tuple[str, subprocess.Popen]] = []
@@ -152,7 +157,7 @@ class LocalDeployment:
 
     # -- processes -------------------------------------------------------------------
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = (self.work / f"{name}.log").open("w")
+        log = (self.work / f"{name}.log").open("a")  # a restarted worker appends
         proc = subprocess.Popen(
             args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )  # own group: stop takes children
@@ -209,9 +214,19 @@ class LocalDeployment:
         proc = self._start("superlink", link)
         self._wait_healthy(proc)
         for i in range(self.n):
+            if self.sockets:
+                self.start_worker(i)
             if self.auth:
                 self.register(self.files[f"node{i}.pub"])
             self.start_supernode(i)
+
+    def socket_of(self, i: int) -> Path:
+        return self.sockets / f"worker-{i}.sock"
+
+    def start_worker(self, i: int) -> subprocess.Popen:
+        """Workers on this one machine train one at a time (one lock), on all cores."""
+        args = [str(BIN / "fedtune"), "worker", "--socket", str(self.socket_of(i))]
+        return self._start(f"worker-{i}", [*args, "--lock", str(self.sockets / "train.lock")])
 
     def start_supernode(
         self,
@@ -221,6 +236,8 @@ class LocalDeployment:
         name: str | None = None,
     ) -> subprocess.Popen:
         node_config = f"partition-id={i} num-partitions={self.n} {self.node_configs[i]}"
+        if self.sockets:
+            node_config += f' worker-socket="{self.socket_of(i)}"'
         args = [
             str(BIN / "flower-supernode"),
             "--superlink",
@@ -264,8 +281,13 @@ class LocalDeployment:
 
     def check_nodes(self) -> None:
         """A SuperNode that exited (refused certificate, unregistered key, crash) is an error
-        now, not a run that waits forever for its missing client."""
-        for name, proc in self.procs:
+        now, not a run that waits forever for its missing client. A worker that died is
+        restarted (meanwhile its SuperNode's ClientApps train in their own process)."""
+        for name, proc in list(self.procs):
+            if name.startswith("worker-") and proc.poll() is not None:
+                log.warning(f"{name} exited with code {proc.returncode}; restarting it")
+                self.procs.remove((name, proc))
+                self.start_worker(int(name.split("-")[1]))
             if name.startswith("supernode") and proc.poll() is not None:
                 lines = [
                     ln
@@ -287,6 +309,8 @@ class LocalDeployment:
         for _, proc in sorted(self.procs, key=lambda p: p[0] == "superlink"):
             stop_group(proc)
         self.procs.clear()
+        if self.sockets:
+            shutil.rmtree(self.sockets, ignore_errors=True)
 
     # -- runs ------------------------------------------------------------------------
     def flwr(self, args: list[str], check: bool = False, timeout: float = 120):
@@ -350,17 +374,25 @@ class LocalDeployment:
 
 
 def deploy_local(
-    cfg: C.Config, tls: bool = False, auth: bool = False, timeout: float = 3600
+    cfg: C.Config,
+    tls: bool = False,
+    auth: bool = False,
+    timeout: float = 3600,
+    workers: bool = True,
 ) -> dict:
     """Run `cfg` on a local SuperLink + `federation.num_clients` SuperNodes; return summary."""
     prepare(cfg)  # convert offline weights once, check data, before any process starts
     cores, fed = os.cpu_count() or 1, cfg.federation
-    if fed.num_clients * max(fed.client_threads, 1) > cores:
-        # every SuperNode of a local deployment trains at once on this one machine;
-        # oversubscribed torch threads slow training down many times over
+    threads = fed.client_threads
+    if workers:  # one lock: the workers of this machine train one at a time, on every core
+        threads = cores
+    elif fed.num_clients * max(fed.client_threads, 1) > cores:
+        # every SuperNode's ClientApp trains at once on this one machine; oversubscribed
+        # torch threads slow training down many times over
         threads = max(1, cores // fed.num_clients)
+    if threads != fed.client_threads:
         log.info(
-            f"{fed.num_clients} local SuperNodes x {fed.client_threads} threads > "
+            f"{fed.num_clients} local SuperNodes{' with workers' if workers else ''} on "
             f"{cores} cores: using federation.client_threads={threads}"
         )
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(fed, client_threads=threads))
@@ -368,10 +400,12 @@ def deploy_local(
     if not cfg.output.resume:
         clear_old_run(run_dir, cfg.output.overwrite)  # before deployment/ is written into it
     work = run_dir / "deployment"
-    with LocalDeployment(work, cfg.federation.num_clients, tls=tls, auth=auth) as dep:
+    n = cfg.federation.num_clients
+    with LocalDeployment(work, n, tls=tls, auth=auth, workers=workers) as dep:
         log.info(
             f"SuperLink on 127.0.0.1:{dep.port} ({'TLS' if dep.tls else 'insecure'}"
-            f"{', SuperNode auth' if auth else ''}), {dep.n} SuperNodes; logs in {work}"
+            f"{', SuperNode auth' if auth else ''}), {dep.n} SuperNodes"
+            f"{' with a fedtune worker each' if workers else ''}; logs in {work}"
         )
         run_id = dep.submit(cfg)
         log.info(f"submitted run {run_id}")

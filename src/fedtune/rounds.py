@@ -138,6 +138,8 @@ def round_row(rnd, lr, messages, received: list[dict], t_train: float) -> dict:
         "client_data_seconds_max": most("data_seconds"),
         "client_process_age_seconds_max": most("process_age_seconds"),
         "client_model_loads": sum(int(m["model_loaded"]) for m in cm),
+        "client_workers": sum(int(m.get("worker", 0)) for m in cm),  # warm `fedtune worker`s
+        "client_worker_fallbacks": sum(int(m.get("worker_fallback", 0)) for m in cm),
         "client_proximal_mu": most("proximal_mu"),  # what the clients added (FedProx)
         "update_norm_max": most("update_norm"),  # of the accepted updates, before clipping
         "clients_clipped": sum(m["clip_scale"] < 1 for m in cm),

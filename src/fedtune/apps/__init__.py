@@ -6,10 +6,12 @@ resolved config, as `fedtune run` sends it) or `recipe` + `set` (as `flwr run .`
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from fedtune import config as C
+from fedtune.errors import DataError
 
 APP_PYPROJECT = """[project]
 name = "fedtune-run"
@@ -61,3 +63,27 @@ def config_from_run_config(run_config) -> C.Config:
     recipe = str(run_config.get("recipe", "") or "")
     overrides = str(run_config.get("set", "") or "").split()  # KEY=VALUE items, no spaces
     return C.load(find_recipe(recipe) if recipe else None, overrides)
+
+
+def partition_id(context, cfg: C.Config) -> int:
+    """This node's partition, checked against the recipe (node config `partition-id`)."""
+    pid = int(context.node_config["partition-id"])
+    n = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
+    if n != cfg.federation.num_clients:
+        raise DataError(
+            f"this SuperNode says num-partitions={n} but the recipe has "
+            f"federation.num_clients={cfg.federation.num_clients}"
+        )
+    if not 0 <= pid < n:
+        raise DataError(f"partition-id {pid} is outside 0..{n - 1}")
+    return pid
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started (Linux /proc; 0 elsewhere)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0

@@ -1,64 +1,51 @@
-"""Flower ClientApp: receive the global trainable tensors, train locally, reply with them.
+"""Flower ClientApp: relay a train message to this node's warm `fedtune worker`, or train here.
 
-The handler only turns a Message into plain calls (`fedtune.train.train_local` does the
-work); what must outlive one message lives in `apps.cache.CACHE`.
+Flower's deployment runtime starts this process for every message, so it imports no torch:
+when the SuperNode's node config names a `worker-socket`, the message and the node's
+context go to the worker, which keeps model and data across rounds (`apps.link`). With no
+worker configured (simulation, or deployment without workers) the handler runs here, as
+it would in the worker; a configured worker that does not answer is reported in the reply
+(`worker_fallback`) and the message is trained here instead.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import time
-from pathlib import Path
+import logging
 
-import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import comm, kd, model as M, privacy, tasks
-from fedtune.apps import config_from_run_config
-from fedtune.apps.cache import CACHE, model_key
+from fedtune.apps import config_from_run_config, link, partition_id, process_age_seconds
 from fedtune.console import to_terminal
-from fedtune.data import source_stamp
-from fedtune.errors import DataError
-from fedtune.results import peak_rss_mb
-from fedtune.train import client_seed, train_local
 
 app = ClientApp()
+log = logging.getLogger(__name__)
 
 
-def dp_mod(msg: Message, context: Context, call_next) -> Message:
-    """`privacy.dp` on the client: Flower's own mod for the run's mode (clip, or clip and
-    noise the reply), if it has one."""
-    mod = privacy.client_mod(config_from_run_config(context.run_config).privacy.dp)
-    return mod(msg, context, call_next) if mod else call_next(msg, context)
-
-
-@app.train(mods=[dp_mod])
+@app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = config_from_run_config(context.run_config)
-    pid = partition_id(context, cfg)
-    process_age = process_age_seconds()  # in deployment: spawn + imports of this process
-    model, tokenizer, initial, examples, loss_fn, setup = client_setup(cfg, pid, context)
-    received = comm.client_receive(msg.content["arrays"], initial)
-    M.load_trainable_state(model, received)
-    conf = msg.content["config"]
-    rnd, mu = int(conf["server-round"]), float(conf.get("proximal-mu", 0.0))
-    result = train_local(
-        model,
-        examples,
-        cfg.train,
-        lr=float(conf["lr"]),
-        proximal_mu=mu,
-        seed=client_seed(cfg.train.seed, rnd, pid),
-        pad_id=tokenizer.pad_token_id,
-        loss_fn=loss_fn,
-        log_every=max(1, cfg.train.local_steps // 4) if cfg.train.local_steps else 10,
-        log_prefix=f"[client {pid}] round {rnd} ",
-    )
-    metrics = reply_metrics(result, len(examples), mu, process_age, pid, setup)
-    arrays = comm.client_reply(cfg, M.trainable_state(model), received, context)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    path = str(context.node_config.get("worker-socket", "") or "")
+    if path:
+        age = process_age_seconds()  # spawn + imports of this relay, not of the worker
+        try:
+            content, state = link.call(path, msg, context)
+        except link.WorkerUnavailable as e:
+            to_terminal()
+            log.warning(f"{e}; training in the ClientApp process instead")
+        else:
+            for key in list(context.state.keys()):
+                del context.state[key]
+            for key, record in state.items():
+                context.state[key] = record
+            content["metrics"]["worker"], content["metrics"]["process_age_seconds"] = 1, age
+            return Message(content, reply_to=msg)
+    # Imported here, not at the top: with a worker, this process must start without torch.
+    from fedtune.apps.handler import handle_train
+
+    reply = handle_train(msg, context)
+    if path:
+        reply.content["metrics"]["worker_fallback"] = 1
+    return reply
 
 
 @app.query()
@@ -66,105 +53,3 @@ def query(msg: Message, context: Context) -> Message:
     """The server asks every node its partition once, to sample clients reproducibly."""
     pid = partition_id(context, config_from_run_config(context.run_config))
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
-
-
-def reply_metrics(result, num_examples: int, mu: float, process_age: float, pid: int, setup):
-    """What the server records per client and round (and FedAvg weighs by)."""
-    return MetricRecord(
-        {
-            "num-examples": num_examples,  # FedAvg weight: the client's data size in examples
-            "train_loss": result.loss,
-            "train_steps": result.steps,
-            "train_samples": result.samples,
-            "train_tokens": result.tokens,
-            "train_positions": result.positions,
-            "train_seconds": result.seconds,
-            "proximal_mu": mu,
-            "process_age_seconds": process_age,
-            "peak_rss_mb": peak_rss_mb(),
-            "partition_id": pid,
-            **setup,
-        }
-    )
-
-
-def partition_id(context: Context, cfg) -> int:
-    pid = int(context.node_config["partition-id"])
-    n = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
-    if n != cfg.federation.num_clients:
-        raise DataError(
-            f"this SuperNode says num-partitions={n} but the recipe has "
-            f"federation.num_clients={cfg.federation.num_clients}"
-        )
-    if not 0 <= pid < n:
-        raise DataError(f"partition-id {pid} is outside 0..{n - 1}")
-    return pid
-
-
-def client_setup(cfg, pid: int, context: Context):
-    """(model, tokenizer, initial weights, examples, loss_fn, timing metrics), from the
-    process cache."""
-    to_terminal()  # Flower started this process, not the CLI: fedtune's log lines need it
-    if cfg.federation.client_threads:
-        torch.set_num_threads(cfg.federation.client_threads)
-    t0 = time.perf_counter()
-    (model, tokenizer, initial), loaded = CACHE.get(
-        "model",
-        (model_key(cfg), comm.needs_initial(cfg)),
-        lambda: with_initial(cfg, M.load_model(cfg)),
-    )
-    t1 = time.perf_counter()
-    data_path = str(context.node_config.get("data-path", ""))
-    src = dataclasses.replace(cfg.data, source=data_path) if data_path else cfg.data
-    examples, _ = CACHE.get(
-        "examples",
-        (
-            model_key(cfg),
-            repr(cfg.data),
-            repr(cfg.task),
-            repr(cfg.kd),
-            cfg.federation.num_clients,
-            pid,
-            data_path,
-            source_stamp(src),
-        ),
-        lambda: tasks.client_examples(cfg, pid, tokenizer, data_path),
-        keep=64,
-    )
-    t2 = time.perf_counter()
-    loss_fn = None
-    if cfg.kd.enabled:
-        teacher, _ = CACHE.get("teacher", kd.teacher_key(cfg), lambda: kd.load_teacher(cfg))
-        loss_fn = kd.loss_fn(teacher, cfg)
-    return (
-        model,
-        tokenizer,
-        initial,
-        examples,
-        loss_fn,
-        {
-            "setup_seconds": t2 - t0,
-            "model_load_seconds": t1 - t0,
-            "data_seconds": t2 - t1,
-            "model_loaded": int(loaded),
-        },
-    )  # 0 when the process kept the model of an earlier round
-
-
-def with_initial(cfg, model):
-    """(model, tokenizer, a copy of its initial trainable weights if the downlink sends the
-    difference from them: the model itself changes every round)."""
-    initial = None
-    if comm.needs_initial(cfg):
-        initial = {k: v.float().clone() for k, v in M.trainable_state(model).items()}
-    return model, M.load_tokenizer(cfg.model.name), initial
-
-
-def process_age_seconds() -> float:
-    """Seconds since this process started (Linux /proc; 0 elsewhere)."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
