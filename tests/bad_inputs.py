@@ -58,7 +58,16 @@ TABLE = {
         "AdamW turns into NaN",
     ),
     "min_clients above the sample": (["federation.min_clients=3"], "can never be met"),
-    "unknown key": (["train.lrr=1"], "unknown key `train.lrr`"),
+    "unknown key": (["train.lrr=1"], "unknown key `train.lrr`; did you mean `train.lr`?"),
+    "list items without quotes": (
+        ["lora.target_modules=[q_proj,v_proj]"],
+        "quote the items: lora.target_modules=['q_proj','v_proj']",
+    ),
+    "a metric the task never produces": (
+        ["eval.metric=eval_accuracy"],
+        "`eval.metric` = 'eval_accuracy': a causal-lm run does not produce it",
+    ),
+    "a misspelt metric": (["eval.metric=eval_los"], "did you mean 'eval_loss'?"),
     "resume a folder that is no run": (["--resume", "{tmp}/not-a-run"], "not a fedtune run folder"),
     "resume a run without checkpoints": (
         ["--resume", "{tmp}/run-without-checkpoints"],

@@ -32,6 +32,7 @@ LAYERS = [
     "data",
     "results",
     "checkpoint",
+    "interrupt",
     "tasks",
     "model",
     "scoring",

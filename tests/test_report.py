@@ -84,6 +84,13 @@ def make_run(
             rows[-1]["eval_accuracy"] = 0.5 + r / 20
     if task:
         rows[0]["eval_accuracy"] = 0.5
+    if partitions:  # per-client numbers as round_row writes them
+        for r in rows[1:]:
+            r["clients"] = [
+                {"partition": i, "train_loss": r["eval_loss"] + i / 10, "examples": 30 + i,
+                 "steps": 4, "train_seconds": 6.0 + i, "bytes_up": 1867040}
+                for i in range(3)
+            ]  # fmt: skip
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "config.toml").write_text(CONFIG)
     if partitions:
@@ -159,6 +166,7 @@ def test_write_plots_full_run(tmp_path):
         "time.png",
         "communication.png",
         "memory.png",
+        "clients.png",
         "partitions.png",
     ]
     for p in paths:

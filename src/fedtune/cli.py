@@ -1,4 +1,5 @@
-"""`fedtune` command line: run | validate | deploy | compare | report | eval | keys.
+"""`fedtune` command line: run | validate | deploy | worker | compare | report | eval | ls |
+init | keys.
 
 Heavy imports (torch, transformers, flwr) happen only after the recipe validated, so a bad
 key fails in about a second.
@@ -63,36 +64,29 @@ def cmd_run(args) -> int:
         f"{cfg.model.name} on {cfg.data.source} -> {cfg.output.dir}",
         flush=True,
     )
-    if args.engine == "inprocess":
-        from fedtune.inprocess import run_inprocess
+    from fedtune.interrupt import StopOnCtrlC, where_it_stands
 
-        summary = run_inprocess(cfg)
-    else:
-        from fedtune.simulation import run_simulation
+    with StopOnCtrlC(lambda: where_it_stands(cfg.output.dir)):
+        if args.engine == "inprocess":
+            from fedtune.inprocess import run_inprocess
 
-        summary = run_simulation(cfg)
-    keys = (
-        "rounds_completed",
-        "best_metric",
-        "best_round",
-        "best_value",
-        "total_wall_seconds",
-        "total_bytes_down",
-        "total_bytes_up",
-        "final_model",
-    )
-    print(
-        json.dumps(
-            {k: summary.get(k) for k in keys}
-            | {
-                "initial_eval_loss": (summary["initial"] or {}).get("eval_loss"),
-                "final_eval_loss": (summary["final"] or {}).get("eval_loss"),
-                "run_dir": cfg.output.dir,
-            },
-            indent=2,
-        )
-    )
+            summary = run_inprocess(cfg)
+        else:
+            from fedtune.simulation import run_simulation
+
+            summary = run_simulation(cfg)
+    print_summary(args, cfg, summary)
     return 0
+
+
+def print_summary(args, cfg, summary: dict) -> None:
+    """The end of a run: a short table for people, or with --json the summary for programs."""
+    if args.json:
+        print(json.dumps(summary | {"run_dir": str(cfg.output.dir)}, indent=2))
+        return
+    from fedtune.results import summary_text
+
+    print(summary_text(cfg.output.dir, summary))
 
 
 def cmd_validate(args) -> int:
@@ -111,32 +105,24 @@ def cmd_deploy(args) -> int:
     cfg = _load(args)
     _preflight(cfg)
     from fedtune.deploy import deploy_local
+    from fedtune.interrupt import StopOnCtrlC, where_it_stands
 
-    summary = deploy_local(
-        cfg,
-        tls=args.tls or args.auth,
-        auth=args.auth,
-        timeout=args.timeout,
-        workers=not args.no_workers,
-    )
-    print(
-        json.dumps(
-            {
-                "rounds_completed": summary["rounds_completed"],
-                "initial_eval_loss": (summary["initial"] or {}).get("eval_loss"),
-                "final_eval_loss": (summary["final"] or {}).get("eval_loss"),
-                "run_dir": cfg.output.dir,
-            },
-            indent=2,
+    with StopOnCtrlC(lambda: where_it_stands(cfg.output.dir)):  # tears every process down
+        summary = deploy_local(
+            cfg,
+            tls=args.tls or args.auth,
+            auth=args.auth,
+            timeout=args.timeout,
+            workers=not args.no_workers,
         )
-    )
+    print_summary(args, cfg, summary)
     return 0
 
 
 def cmd_worker(args) -> int:
     from fedtune.apps.worker import run
 
-    run(args.socket, lock=args.lock or "")
+    run(args.socket)
     return 0
 
 
@@ -193,8 +179,11 @@ def cmd_compare(args) -> int:
         f"{Path(cfg.output.dir).absolute()}",
         flush=True,
     )
-    result = run_compare(cfg, arms, seeds)
+    from fedtune.interrupt import StopOnCtrlC
+
     root = Path(cfg.output.dir).absolute()
+    with StopOnCtrlC(lambda: f"interrupted; the arms that finished are in {root}"):
+        result = run_compare(cfg, arms, seeds)
     print((root / "comparison.md").read_text())
     failed = [a for a, r in result["arms"].items() if r["status"] != "ok"]
     return 1 if failed and len(failed) == len(arms) else 0
@@ -210,6 +199,41 @@ def cmd_eval(args) -> int:
 
         raise ConfigError([f"--suite {', '.join(bad)}: known suites are mmlu, task"])
     print(json.dumps(evaluate_saved(args.target, suites, args.set, args.out), indent=2))
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from fedtune.results import list_runs
+
+    runs = list_runs(args.dir)
+    if not runs:
+        print(f"no run folders in {args.dir}")
+        return 0
+    print(f"{'status':<10} {'rounds':>6} {'best':>22} {'wall':>8}  run")
+    for r in runs:
+        best = (
+            f"{r['best_metric']} {r['best_value']:.4f} @{r['best_round']}"
+            if r["best_value"] is not None
+            else "-"
+        )
+        wall = f"{r['wall_seconds']:.0f} s" if r["wall_seconds"] is not None else "-"
+        rounds = "-" if r["rounds"] is None else r["rounds"]
+        print(f"{r['status']:<10} {rounds:>6} {best:>22} {wall:>8}  {r['run']}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from fedtune.config import ConfigError, describe
+
+    target = Path(args.file)
+    if target.exists():
+        raise ConfigError([f"{target} exists; give a new file name"])
+    header = (
+        "# A fedtune recipe: every key with its default and what it does (`fedtune keys`).\n"
+        "# Delete what you keep at its default; run with: fedtune run " + str(target) + "\n"
+    )
+    target.write_text(header + describe() + "\n")
+    print(f"wrote {target}")
     return 0
 
 
@@ -233,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (normally one line)"
     )
+    from fedtune import __version__
+
+    parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
     for name, fn, helptext in [
         ("run", cmd_run, "run a recipe on Flower's Simulation Engine"),
         ("validate", cmd_validate, "check a recipe (keys, types, ranges, paths) without training"),
@@ -245,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         add_overrides(p, "override a recipe value, e.g. --set federation.rounds=2")
         if name == "run":
+            p.add_argument(
+                "--json", action="store_true", help="print the run's summary.json at the end"
+            )
             p.add_argument(
                 "--resume",
                 metavar="RUN_DIR",
@@ -271,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls", action="store_true", help="TLS with a generated local CA")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication (implies TLS)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before giving up")
+    p.add_argument("--json", action="store_true", help="print the run's summary.json at the end")
     p.add_argument(
         "--no-workers",
         action="store_true",
@@ -285,11 +316,6 @@ def main(argv: list[str] | None = None) -> int:
         'messages here (node config worker-socket="PATH")',
     )
     p.add_argument("--socket", required=True, help="Unix socket path (at most 100 bytes)")
-    p.add_argument(
-        "--lock",
-        help="a file shared by the workers of one machine: they then train one at a "
-        "time on all cores (as `fedtune deploy local` runs them)",
-    )
     p.set_defaults(fn=cmd_worker)
     p = sub.add_parser(
         "report", help="(re)write report.md/.html and plots of one run, or overlay several runs"
@@ -335,11 +361,20 @@ def main(argv: list[str] | None = None) -> int:
     add_overrides(p, "e.g. --set eval.mmlu_source=offline:mmlu-cot")
     p.set_defaults(fn=cmd_eval)
     sub.add_parser("keys", help="list every recipe key with its default").set_defaults(fn=cmd_keys)
+    p = sub.add_parser("ls", help="list run folders: status, rounds, best metric, wall time")
+    p.add_argument("dir", nargs="?", default="runs", help="where to look (default: runs)")
+    p.set_defaults(fn=cmd_ls)
+    p = sub.add_parser("init", help="write a recipe with every key, its default and its help")
+    p.add_argument("file", help="the new recipe file, e.g. my-run.toml")
+    p.set_defaults(fn=cmd_init)
     args = parser.parse_args(argv)
     from fedtune.errors import FedtuneError
 
     try:
         return args.fn(args)
+    except BrokenPipeError:  # `fedtune keys | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     except FedtuneError as err:  # a problem the user can fix: one line (bugs keep tracebacks)
         if args.debug:
             raise

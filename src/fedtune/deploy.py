@@ -224,9 +224,8 @@ class LocalDeployment:
         return self.sockets / f"worker-{i}.sock"
 
     def start_worker(self, i: int) -> subprocess.Popen:
-        """Workers on this one machine train one at a time (one lock), on all cores."""
         args = [str(BIN / "fedtune"), "worker", "--socket", str(self.socket_of(i))]
-        return self._start(f"worker-{i}", [*args, "--lock", str(self.sockets / "train.lock")])
+        return self._start(f"worker-{i}", args)
 
     def start_supernode(
         self,
@@ -383,16 +382,14 @@ def deploy_local(
     """Run `cfg` on a local SuperLink + `federation.num_clients` SuperNodes; return summary."""
     prepare(cfg)  # convert offline weights once, check data, before any process starts
     cores, fed = os.cpu_count() or 1, cfg.federation
-    threads = fed.client_threads
-    if workers:  # one lock: the workers of this machine train one at a time, on every core
-        threads = cores
-    elif fed.num_clients * max(fed.client_threads, 1) > cores:
-        # every SuperNode's ClientApp trains at once on this one machine; oversubscribed
-        # torch threads slow training down many times over
+    if fed.num_clients * max(fed.client_threads, 1) > cores:
+        # every SuperNode trains at once on this one machine; oversubscribed torch threads
+        # slow training down many times over. (Training them one at a time on every core,
+        # as simulation's one actor does, measured slower here: Flower's own processes and
+        # each round's ClientApp starts share those cores and stall a multi-thread step.)
         threads = max(1, cores // fed.num_clients)
-    if threads != fed.client_threads:
         log.info(
-            f"{fed.num_clients} local SuperNodes{' with workers' if workers else ''} on "
+            f"{fed.num_clients} local SuperNodes x {fed.client_threads} threads > "
             f"{cores} cores: using federation.client_threads={threads}"
         )
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(fed, client_threads=threads))

@@ -88,6 +88,36 @@ def is_run_folder(folder: Path) -> bool:
     return (Path(folder) / "config.toml").is_file() or (Path(folder) / "metrics.jsonl").is_file()
 
 
+def list_runs(root: str | Path) -> list[dict]:
+    """Every run folder at or below `root` (two levels), newest first, with its state from
+    its own files: finished (summary.json) or not, rounds, best metric, wall seconds."""
+    root = Path(root)
+    found = [root] if is_run_folder(root) else []
+    found += [p for p in sorted(root.glob("*")) + sorted(root.glob("*/*")) if is_run_folder(p)]
+    out, seen = [], set()
+    for folder in found:
+        if folder.resolve() in seen:  # a symlink to a run listed already
+            continue
+        seen.add(folder.resolve())
+        rows = [r for r in read_metrics(folder) if r.get("status") != FAILED]
+        summary_path = folder / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        metrics = folder / "metrics.jsonl"
+        out.append(
+            {
+                "run": str(folder),
+                "status": "finished" if summary else "incomplete",
+                "rounds": rows[-1]["round"] if rows else None,
+                "best_metric": summary.get("best_metric"),
+                "best_value": summary.get("best_value"),
+                "best_round": summary.get("best_round"),
+                "wall_seconds": summary.get("total_wall_seconds"),
+                "modified": (metrics if metrics.exists() else folder).stat().st_mtime,
+            }
+        )
+    return sorted(out, key=lambda r: -r["modified"])
+
+
 def clear_old_run(folder: Path, overwrite: bool) -> None:
     """Before a fresh run: remove every artefact of an earlier run in `folder`, or refuse
     when `output.overwrite` is false. Files fedtune did not write are left alone."""
@@ -191,6 +221,48 @@ def summarize(rows: list[dict], wall_seconds: float, metric: str, extra: dict) -
         "total_train_tokens": sum(r.get("train_tokens", 0) for r in trained),
         **extra,
     }
+
+
+def summary_text(run_dir: str | Path, summary: dict, max_rows: int = 12) -> str:
+    """What a person reads when a run ends: the per-round table (first and last rounds of a
+    long run), the best round by the run's metric, totals and where the results are."""
+    rows, metric = read_metrics(run_dir), summary["best_metric"]
+    shown = rows if len(rows) <= max_rows else rows[:3] + [None] + rows[-(max_rows - 4) :]
+
+    def num(row, key, fmt):
+        value = row.get(key)
+        return f"{'-':>{fmt.split('.')[0]}}" if value is None else format(value, fmt)
+
+    lines = [f"{'round':>5}  {metric:>12}  {'train_loss':>10}  {'seconds':>8}  {'MB moved':>9}"]
+    for r in shown:
+        if r is None:
+            lines.append(f"{'...':>5}")
+            continue
+        moved = (r.get("bytes_down", 0) + r.get("bytes_up", 0)) / 1e6
+        lines.append(
+            f"{r['round']:>5}  {num(r, metric, '12.4f')}  {num(r, 'train_loss', '10.4f')}  "
+            f"{num(r, 'round_seconds', '8.1f')}  {moved if r['round'] else 0:>9.2f}"
+        )
+    if summary.get("best_round") is not None:
+        first = (summary.get("initial") or {}).get(metric)
+        lines.append(
+            f"best round {summary['best_round']}: {metric} {summary['best_value']:.4f}"
+            + (f" (round 0: {first:.4f})" if first is not None else "")
+        )
+    total = (summary.get("total_bytes_down", 0) + summary.get("total_bytes_up", 0)) / 1e6
+    lines.append(
+        f"{summary['rounds_completed']} rounds in {summary.get('total_wall_seconds', 0):,.0f} s; "
+        f"{total:,.2f} MB communicated (all clients, both directions)"
+    )
+    run_dir = Path(run_dir)
+    for label, path in (
+        ("final model", summary.get("final_model")),
+        ("report", run_dir / "report.html" if (run_dir / "report.html").exists() else None),
+        ("metrics", run_dir / "metrics.jsonl"),
+    ):
+        if path:
+            lines.append(f"{label + ':':<13}{path}")
+    return "\n".join(lines)
 
 
 def partition_report(

@@ -147,7 +147,23 @@ def round_row(rnd, lr, messages, received: list[dict], t_train: float) -> dict:
         "bytes_up": sum(m["bytes"] for m in cm),
         "train_phase_seconds": t_train,
         "client_peak_rss_mb": most("peak_rss_mb"),
+        "clients": per_client(cm),
     }
+
+
+def per_client(received: list[dict]) -> list[dict]:
+    """Each replying client's own numbers, by partition (non-IID studies need them)."""
+    return [
+        {
+            "partition": int(m["partition_id"]),
+            "train_loss": m["train_loss"],
+            "examples": int(m["num-examples"]),
+            "steps": int(m["train_steps"]),
+            "train_seconds": m["train_seconds"],
+            "bytes_up": int(m["bytes"]),
+        }
+        for m in sorted(received, key=lambda m: m["partition_id"])
+    ]
 
 
 HEADLINE = (

@@ -4,16 +4,11 @@ The ClientApp Flower spawns per message relays each train message here (`apps.li
 this process keeps the model, tokenizer and tokenized partition in `apps.cache.CACHE`
 across rounds and runs the very handler the ClientApp would (`apps.handler`), so results
 do not depend on whether a worker served them. One request at a time: a SuperNode hands
-its ClientApp one message at a time, and the cores belong to training. Workers of one machine
-may share a lock file (`--lock`, as `fedtune deploy local` does): then they train one at a
-time on all cores, as simulation's one actor does, while the others' per-message processes
-start, instead of oversubscribing the cores.
+its ClientApp one message at a time, and the cores belong to training.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import signal
 import sys
@@ -27,22 +22,21 @@ from fedtune.console import to_terminal
 log = logging.getLogger(__name__)
 
 
-def run(path: str, lock: str = "") -> None:
+def run(path: str) -> None:
     """`fedtune worker`: serve until SIGTERM or Ctrl-C."""
     to_terminal()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unlink the socket on the way out
     try:
-        serve(path, lock=lock)
+        serve(path)
     except KeyboardInterrupt:
         pass
 
 
-def serve(path: str, max_requests: int = 0, lock: str = "") -> None:
-    """Answer train messages on the Unix socket `path`, forever or `max_requests` times;
-    with `lock`, train only while holding that file's exclusive lock."""
+def serve(path: str, max_requests: int = 0) -> None:
+    """Answer train messages on the Unix socket `path`, forever or `max_requests` times."""
     sock = link.listen(path)
-    handle = logged(one_at_a_time(handle_train, lock) if lock else handle_train)
-    log.info(f"fedtune worker ready on {path}{f' (lock {lock})' if lock else ''}")
+    handle = logged(handle_train)
+    log.info(f"fedtune worker ready on {path}")
     served = 0
     try:
         while not max_requests or served < max_requests:
@@ -68,18 +62,5 @@ def logged(handle):
         except Exception:
             log.error(traceback.format_exc())
             raise
-
-    return run
-
-
-def one_at_a_time(handle, lock: str):
-    """The handler, run while holding an exclusive flock on `lock` (released by the kernel
-    if this process dies)."""
-
-    def run(msg, context):
-        with open(lock, "a") as f, contextlib.ExitStack() as stack:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            stack.callback(fcntl.flock, f, fcntl.LOCK_UN)
-            return handle(msg, context)
 
     return run

@@ -8,6 +8,7 @@ rules every layer must agree on (headline metric, clients per round).
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import inspect
 import string
@@ -22,6 +23,7 @@ from fedtune.config.schema import (
     StrategyConfig,
 )
 from fedtune.config.sources import check_sources
+from fedtune.metrics import ROUGE_KEYS
 
 LOWER_IS_BETTER = ("eval_loss", "eval_ppl")
 
@@ -32,6 +34,34 @@ def headline_metric(cfg: Config) -> str:
     if cfg.eval.metric:
         return cfg.eval.metric
     return "eval_accuracy" if cfg.task.type in CLASSIFICATION_TASKS else "eval_loss"
+
+
+def task_metrics(cfg: Config) -> list[str]:
+    """The centralized metrics this run's evaluation writes (evaluate.py, mmlu.py)."""
+    kind = cfg.task.type
+    names = ["eval_loss"]
+    if kind in ("causal-lm", "instruction"):
+        names.append("eval_ppl")
+    if kind in CLASSIFICATION_TASKS:
+        names += ["eval_accuracy", "eval_f1_macro", "eval_mcc"]
+    if kind == "prompt-classification" and cfg.eval.generate:
+        names += ["eval_gen_accuracy"] + [f"eval_{k}" for k in ROUGE_KEYS]
+    if "mmlu" in cfg.eval.suites:
+        names.append("eval_mmlu_accuracy")
+    return names
+
+
+def _check_metric(key: str, metric: str, cfg: Config) -> list[str]:
+    """A metric name the run will actually produce (else one line, with a guess)."""
+    known = task_metrics(cfg)
+    if not metric or metric in known:
+        return []
+    close = difflib.get_close_matches(metric, known, n=1, cutoff=0.6)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return [
+        f"`{key}` = {metric!r}: a {cfg.task.type} run does not produce it; {guess}"
+        f"this run's metrics: {', '.join(known)}"
+    ]
 
 
 def clients_per_round(cfg: Config) -> int:
@@ -342,7 +372,18 @@ def validate(cfg: Config, check_paths: bool = True, failed: frozenset = frozense
     p = _check_task(cfg) + _check_data(cfg) + _check_training(cfg) + _check_kd_and_compare(cfg)
     if "strategy.name" not in failed:
         p += _check_strategy(cfg.strategy)
-    p += _check_early_stopping(cfg.train.early_stopping, headline_metric(cfg))
+    metric_problems = [
+        line
+        for key, metric in (
+            ("eval.metric", cfg.eval.metric),
+            ("compare.metric", cfg.compare.metric),
+            ("train.early_stopping.metric", cfg.train.early_stopping.metric),
+        )
+        for line in _check_metric(key, metric, cfg)
+    ]
+    p += metric_problems
+    if not metric_problems:  # else the headline is the unknown name, reported already
+        p += _check_early_stopping(cfg.train.early_stopping, headline_metric(cfg))
     o = cfg.output
     for key, wanted in [
         ("output.tensorboard", ["tensorboard"] if o.tensorboard else []),

@@ -8,6 +8,7 @@ typo fails in the first second with the key's name instead of after a model has 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import tomllib
 import typing
@@ -71,7 +72,12 @@ def _coerce(value, typ, key: str, problems: list[str]):
         return None
     if get_origin(typ) is list:
         if not isinstance(value, list):
-            problems.append(f"`{key}` must be list, got {type(value).__name__} {value!r}")
+            hint = ""
+            if isinstance(value, str) and value.startswith("["):  # --set k=[a,b]: TOML wants quotes
+                items = [x.strip().strip("'\"") for x in value.strip("[]").split(",") if x.strip()]
+                quoted = ",".join(f"'{x}'" for x in items)
+                hint = f"; quote the items: {key}=[{quoted}]"
+            problems.append(f"`{key}` must be list, got {type(value).__name__} {value!r}{hint}")
             return None
         (item,) = get_args(typ)
         allowed, bad = choices(item), []
@@ -103,7 +109,9 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], failed: set):
                 next((k for (s, k), a in ALIASES.items() if s == prefix and a == f.name), f.name)
                 for f in fields(cls)
             )
-            problems.append(f"unknown key `{prefix}.{key}`; known: {known}")
+            close = difflib.get_close_matches(key, known.split(", "), n=1, cutoff=0.6)
+            guess = f"did you mean `{prefix}.{close[0]}`? " if close else ""
+            problems.append(f"unknown key `{prefix}.{key}`; {guess}known: {known}")
             continue
         if (prefix, key) == ("output", "keep_best") and isinstance(value, str):
             problems.append(

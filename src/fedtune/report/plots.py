@@ -260,6 +260,24 @@ def _plot_partitions(parts, path):
     return save(fig, [ax], path, xlabel="client", legend=False)
 
 
+def _plot_clients(rows, path):
+    """Each client's own train loss and training seconds per round (non-IID studies)."""
+    fig, (ax, ax2) = figure(2)
+    by_client: dict[int, list[tuple]] = {}
+    for r in rows:
+        for c in r.get("clients") or []:
+            by_client.setdefault(c["partition"], []).append(
+                (r["round"], c["train_loss"], c["train_seconds"])
+            )
+    for pid, points in sorted(by_client.items()):
+        xs, losses, secs = zip(*points)
+        line(ax, xs, losses, f"client {pid}")
+        line(ax2, xs, secs, f"client {pid}")
+    ax.set(title="Train loss per client (its own data, this round)", ylabel="loss")
+    ax2.set(title="Local training time per client", ylabel="seconds", ylim=(0, None))
+    return save(fig, [ax, ax2], path, legend=len(by_client) <= 12)
+
+
 def write_plots(run_dir: str | Path) -> list[Path]:
     """Refresh run_dir/plots/*.png; cheap enough to call after every round."""
     run_dir = Path(run_dir)
@@ -274,9 +292,11 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         _plot_comm(rows, out / "communication.png"),
         _plot_memory(rows, out / "memory.png"),
     ]
+    if any(r.get("clients") for r in rows):
+        paths.append(_plot_clients(rows, out / "clients.png"))
     parts = load_json(run_dir / "partitions.json")
     if parts.get("clients"):
         paths.append(_plot_partitions(parts, out / "partitions.png"))
-    for stale in {"task_metrics.png", "partitions.png"} - {p.name for p in paths}:
+    for stale in {"task_metrics.png", "partitions.png", "clients.png"} - {p.name for p in paths}:
         (out / stale).unlink(missing_ok=True)  # left by an earlier run in this folder
     return paths

@@ -1,0 +1,83 @@
+"""The end of a run, for people: a table of rounds, the best round, totals, paths."""
+
+import json
+
+from fedtune.results import summary_text
+
+
+def write_rows(folder, rows):
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_the_table_names_the_best_round_and_the_totals(tmp_path):
+    rows = [{"round": 0, "eval_loss": 2.5}]
+    rows += [
+        {"round": 1, "eval_loss": 2.25, "train_loss": 2.4, "round_seconds": 30.0,
+         "bytes_down": 1_000_000, "bytes_up": 500_000},
+        {"round": 2, "eval_loss": 2.375, "train_loss": 2.2, "round_seconds": 28.25,
+         "bytes_down": 1_000_000, "bytes_up": 500_000},
+    ]  # fmt: skip
+    write_rows(tmp_path, rows)
+    (tmp_path / "report.html").write_text("<html>")
+    summary = {
+        "best_metric": "eval_loss",
+        "best_round": 1,
+        "best_value": 2.25,
+        "initial": rows[0],
+        "rounds_completed": 2,
+        "total_wall_seconds": 1234.4,
+        "total_bytes_down": 2_000_000,
+        "total_bytes_up": 1_000_000,
+        "final_model": str(tmp_path / "final"),
+    }
+    assert summary_text(tmp_path, summary).splitlines() == [
+        "round     eval_loss  train_loss   seconds   MB moved",
+        "    0        2.5000           -         -       0.00",
+        "    1        2.2500      2.4000      30.0       1.50",
+        "    2        2.3750      2.2000      28.2       1.50",
+        "best round 1: eval_loss 2.2500 (round 0: 2.5000)",
+        "2 rounds in 1,234 s; 3.00 MB communicated (all clients, both directions)",
+        f"final model: {tmp_path / 'final'}",
+        f"report:      {tmp_path / 'report.html'}",
+        f"metrics:     {tmp_path / 'metrics.jsonl'}",
+    ]
+
+
+def test_a_long_run_shows_its_first_and_last_rounds(tmp_path):
+    rows = [{"round": r, "eval_accuracy": r / 100} for r in range(30)]
+    write_rows(tmp_path, rows)
+    summary = {"best_metric": "eval_accuracy", "best_round": 29, "best_value": 0.29,
+               "initial": rows[0], "rounds_completed": 29}  # fmt: skip
+    table = summary_text(tmp_path, summary, max_rows=8).splitlines()[1:9]
+    assert [line.split()[0] for line in table] == ["0", "1", "2", "...", "26", "27", "28", "29"]
+
+
+def test_init_writes_a_recipe_of_the_defaults_that_loads(tmp_path):
+    from fedtune.cli import main
+    from fedtune.config import load
+
+    target = tmp_path / "mine.toml"
+    assert main(["init", str(target)]) == 0
+    assert load(str(target)) == load(None)  # every key, at its default, parses back
+    assert main(["init", str(target)]) == 2  # never overwrites
+
+
+def test_ls_lists_finished_and_incomplete_runs(tmp_path, capsys):
+    from fedtune.cli import main
+
+    done, half = tmp_path / "done", tmp_path / "nested" / "half"
+    for folder, rounds in ((done, 3), (half, 1)):
+        folder.mkdir(parents=True)
+        write_rows(folder, [{"round": r, "eval_loss": 3.0 - r / 4} for r in range(rounds + 1)])
+    (done / "summary.json").write_text(
+        json.dumps({"best_metric": "eval_loss", "best_value": 2.25, "best_round": 3,
+                    "total_wall_seconds": 95.4})
+    )  # fmt: skip
+    (tmp_path / "link").symlink_to(done)  # listed once
+    assert main(["ls", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = sorted(line.split() for line in lines[1:])
+    assert rows == [
+        ["finished", "3", "eval_loss", "2.2500", "@3", "95", "s", str(done)],
+        ["incomplete", "1", "-", "-", str(half)],
+    ]
