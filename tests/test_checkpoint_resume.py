@@ -175,7 +175,7 @@ def test_early_stopping_config_is_checked():
         C.load(None, ["train.early_stopping={metric='eval_loss'}"], check_paths=False)
     with pytest.raises(C.ConfigError, match="unknown key `train.early_stopping.wait`"):
         C.load(None, ["train.early_stopping={patience=2, wait=1}"], check_paths=False)
-    with pytest.raises(C.ConfigError, match="must start with eval_"):
+    with pytest.raises(C.ConfigError, match="'train_loss': a causal-lm run does not produce it"):
         C.load(None, ["train.early_stopping={patience=2, metric='train_loss'}"], check_paths=False)
 
 

@@ -81,3 +81,34 @@ def test_ls_lists_finished_and_incomplete_runs(tmp_path, capsys):
         ["finished", "3", "eval_loss", "2.2500", "@3", "95", "s", str(done)],
         ["incomplete", "1", "-", "-", str(half)],
     ]
+
+
+def test_progress_shows_elapsed_and_an_eta_from_the_rounds_so_far():
+    from fedtune.rounds import clock, eta_text
+
+    assert [clock(s) for s in (9.4, 59.6, 192, 3725)] == ["9s", "1m00s", "3m12s", "1h02m"]
+    assert eta_text(60, 2, 3) == "elapsed 1m00s, ETA 1m30s"  # 30 s a round, 3 to go
+    assert eta_text(5, 0, 3) == "elapsed 5s"  # round 0: no round timed yet
+
+
+def test_flower_lines_fedtune_reports_itself_are_filtered_and_never_coloured_in_a_pipe():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from fedtune.simulation import quiet_flower; quiet_flower(); "
+        "from flwr.common.logger import log; "
+        "log(logging.WARNING, 'fraction_evaluate is set to 0.0. Federated evaluation off'); "
+        "log(logging.WARNING, 'Manually terminating ClientAppActor'); "
+        "log(logging.INFO, 'a line that stays')"
+    )
+
+    def stderr(**env):
+        run = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ | env
+        )
+        return run.stderr.splitlines()
+
+    assert stderr() == ["INFO :      a line that stays"]  # no ANSI codes into a pipe
+    assert len(stderr(FEDTUNE_VERBOSE="1")) == 3  # --verbose keeps them

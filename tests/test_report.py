@@ -266,7 +266,7 @@ def test_html_is_self_contained_and_escaped(tmp_path):
     )
     md, html = R.write_report(d)
     page = html.read_text()
-    assert page.count("data:image/png;base64,") == 6
+    assert page.count("data:image/png;base64,") == 7
     assert "<script" not in page and "&lt;script&gt;" in page
     assert "&lt;b&gt;" in page and "&amp;&amp;" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fedtune import config as C, model as M
+from fedtune.errors import HubModelError
 from fedtune.evaluate import eval_lm
 from fedtune.train import (
     MEGABATCH,
@@ -323,3 +324,11 @@ def test_compiled_step_trains_like_eager(tiny_model_dir, monkeypatch):
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-5)
     assert not torch.equal(runs[False][1], flat(M.load_model(make_cfg(tiny_model_dir), seed=0)))
+
+
+def test_an_uncached_hub_model_offline_is_unreachable_not_missing():
+    """huggingface_hub 1.x raises LocalEntryNotFoundError (a subclass of EntryNotFoundError)
+    for a file that is neither cached nor downloadable: that is an unreachable hub, which
+    `fedtune validate` only warns about, not a model without config.json."""
+    with pytest.raises(HubModelError, match="facebook/opt-350m"):
+        M.config_json("facebook/opt-350m")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (normally one line)"
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show Flower's lines fedtune filters out"
+    )
     from fedtune import __version__
 
     parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
@@ -368,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", help="the new recipe file, e.g. my-run.toml")
     p.set_defaults(fn=cmd_init)
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ["FEDTUNE_VERBOSE"] = "1"
     from fedtune.errors import FedtuneError
 
     try:

@@ -46,8 +46,9 @@ from fedtune.rounds import (
     CommBudget,
     EarlyStopping,
     build_strategy,
-    headline,
+    eta_text,
     payload_bytes,
+    round_line,
     round_row,
 )
 from fedtune.train import lr_for_round, sampling_seed
@@ -304,17 +305,9 @@ class ServerLoop:
             t.log(row)
         if cfg.output.plots:
             self._plots()
-        self.log.info(
-            f"round {rnd}/{cfg.federation.rounds} {headline(row)}"
-            + (
-                ""
-                if not rnd
-                else f" train_loss {fmt(row['train_loss'], missing='n/a')} lr {row['lr']:.2e} | "
-                f"{row['round_seconds']:.1f}s, {row['tokens_per_s']:.0f} tok/s, down "
-                f"{row['bytes_down'] / 2**20:.2f} MiB up {row['bytes_up'] / 2**20:.2f} MiB, "
-                f"clients {row['clients_ok']}/{row['clients_sampled']}"
-            )
-        )
+        elapsed = time.perf_counter() - self.t_start
+        done, left = rnd - self.start_round + 1, cfg.federation.rounds - rnd
+        self.log.info(round_line(row, cfg.federation.rounds, eta_text(elapsed, done, left)))
         if self.stopper.should_stop():
             self.log.info(self.stopper.reason())
 

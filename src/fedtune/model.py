@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import RemoteEntryNotFoundError
 
 from fedtune import assets
 from fedtune.config import Config, hub_unreachable, looks_local
@@ -98,7 +98,7 @@ def config_json(name: str) -> dict:
         if looks_local(name):
             raise OSError(f"there is no folder {name!r}")
         return json.loads(Path(hf_hub_download(name, "config.json")).read_text())
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:  # the hub answered: no such file (not: no cache)
         raise ModelError(
             f"`model.name` = {name!r} has no config.json on the hub: is it a transformers model?"
         ) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from fedtune import config as C, privacy
+from fedtune.report import fmt
 from fedtune.results import best_round
 
 
@@ -178,6 +179,35 @@ HEADLINE = (
 )
 
 
+def clock(seconds: float) -> str:
+    """3725 -> '1h02m', 192 -> '3m12s', 9.4 -> '9s'."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def eta_text(elapsed: float, done: int, left: int) -> str:
+    """'elapsed 3m12s, ETA 6m24s' from the mean of the rounds this process ran."""
+    if done <= 0:
+        return f"elapsed {clock(elapsed)}"
+    return f"elapsed {clock(elapsed)}, ETA {clock(elapsed / done * left)}"
+
+
 def headline(row: dict) -> str:
     """The round's centralized metrics in one short line."""
     return " ".join(f"{k[5:]} {row[k]:.4f}" for k in HEADLINE if row.get(k) is not None)
+
+
+def round_line(row: dict, rounds: int, eta: str) -> str:
+    """The progress line of a finished round."""
+    rnd = row["round"]
+    if not rnd:
+        return f"round 0/{rounds} {headline(row)} | {eta}"
+    return (
+        f"round {rnd}/{rounds} {headline(row)} train_loss "
+        f"{fmt(row['train_loss'], missing='n/a')} lr {row['lr']:.2e} | "
+        f"{row['round_seconds']:.1f}s, {row['tokens_per_s']:.0f} tok/s, down "
+        f"{row['bytes_down'] / 2**20:.2f} MiB up {row['bytes_up'] / 2**20:.2f} MiB, "
+        f"clients {row['clients_ok']}/{row['clients_sampled']} | {eta}"
+    )
