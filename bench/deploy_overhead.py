@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(ROOT / "recipes/demo.toml"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument(
+        "--workers-only", action="store_true", help="skip the deployment without workers"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fedtune import config as C
@@ -42,7 +45,9 @@ def main() -> None:
     deps = {}
     with tempfile.TemporaryDirectory() as tmp:
         _, _, sim_rows = flower_run(args.recipe, overrides, Path(tmp) / "sim")
-        for name, workers in (("workers", True), ("no workers", False)):
+        for name, workers in (("workers", True), ("no workers", False))[
+            : 1 if args.workers_only else 2
+        ]:
             out = Path(tmp) / name.replace(" ", "-")
             cfg = C.load(args.recipe, [*overrides, f"output.dir={out}"])
             deploy_local(cfg, workers=workers)  # progress is logged; nothing configures logging
@@ -54,7 +59,8 @@ def main() -> None:
     print(f"{os.cpu_count()} cores; seconds per round")
     print("| round | deployment, workers | deployment, no workers | simulation | plain loop |")
     print("|---|---|---|---|---|")
-    for w, d, s in zip(deps["workers"][1:], deps["no workers"][1:], sim_rows[1:]):
+    none = [{"round_seconds": float("nan")}] * len(sim_rows)
+    for w, d, s in zip(deps["workers"][1:], deps.get("no workers", none)[1:], sim_rows[1:]):
         sim = s["round_seconds"]
         print(
             f"| {w['round']} | {w['round_seconds']:.1f} ({w['round_seconds'] / sim:.2f}x)"

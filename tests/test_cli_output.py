@@ -97,7 +97,7 @@ def test_flower_lines_fedtune_reports_itself_are_filtered_and_never_coloured_in_
     import sys
 
     code = (
-        "import logging; from fedtune.simulation import quiet_flower; quiet_flower(); "
+        "import logging; from fedtune.console import quiet_flower; quiet_flower(); "
         "from flwr.common.logger import log; "
         "log(logging.WARNING, 'fraction_evaluate is set to 0.0. Federated evaluation off'); "
         "log(logging.WARNING, 'Manually terminating ClientAppActor'); "
@@ -112,3 +112,73 @@ def test_flower_lines_fedtune_reports_itself_are_filtered_and_never_coloured_in_
 
     assert stderr() == ["INFO :      a line that stays"]  # no ANSI codes into a pipe
     assert len(stderr(FEDTUNE_VERBOSE="1")) == 3  # --verbose keeps them
+
+
+def test_push_uploads_final_and_refuses_offline(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from fedtune.cli import main
+
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "README.md").write_text("card")
+    calls = []
+
+    class FakeApi:  # what fedtune asks of huggingface_hub; the hub itself is not reachable here
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", folder_path, repo_id))
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["push", str(tmp_path / "run"), "me/model"]) == 2
+    assert "HF_HUB_OFFLINE=1" in capsys.readouterr().err and not calls
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert main(["push", str(tmp_path / "run"), "me/model", "--private"]) == 0
+    assert calls == [("create", "me/model", True, True), ("upload", str(final), "me/model")]
+    assert capsys.readouterr().out.strip() == "https://hub/me/model/commit/1"
+    assert main(["push", str(tmp_path / "nothing"), "me/model"]) == 2  # no final/ there
+
+
+def test_the_model_card_names_the_hub_base_the_run_and_how_to_load_it():
+    from fedtune.config import load
+    from fedtune.report.card import model_card
+
+    cfg = load(None, ["federation.num_clients=4", "strategy.name=fedprox"], check_paths=False)
+    summary = {
+        "best_metric": "eval_loss",
+        "best_round": 3,
+        "rounds_completed": 3,
+        "initial": {"eval_loss": 2.73474},
+        "final": {"eval_loss": 2.61418},
+    }
+    card = model_card(cfg, summary, "runs/x/final", local="/cache/models/SmolLM2")
+    assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    assert "| clients | 4, iid partitions, fraction 1.0 |" in card
+    assert "| strategy | fedprox |" in card
+    assert "| eval_loss, round 0 -> final | 2.7347 -> 2.6142 |" in card
+    assert 'AutoPeftModelForCausalLM.from_pretrained("runs/x/final")' in card
+    offline = 'AutoModelForCausalLM.from_pretrained("/cache/models/SmolLM2"), "runs/x/final")'
+    assert f"PeftModel.from_pretrained({offline}" in card
+
+
+def test_every_argument_of_every_command_says_what_it_does():
+    import argparse
+
+    from fedtune.cli import COMMANDS
+    from fedtune.cli_args import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(sub.choices) == sorted(COMMANDS)  # every command has a handler
+    silent = [
+        (name, a.dest)
+        for name, p in [("fedtune", parser), *sub.choices.items()]
+        for a in p._actions
+        if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help
+    ]
+    assert not silent, silent
+    assert "examples:" in parser.format_help() and "`" not in parser.format_help()

@@ -57,6 +57,29 @@ def test_demo_recipe_lowers_eval_loss_with_the_real_model(tmp_path):
     assert check.returncode == 0, check.stderr[-3000:]
     assert float(check.stdout.split()[-1]) == pytest.approx(rows[1]["eval_loss"], rel=1e-4)
 
+    # final/ names its base by hub id, carries a model card of the run, and loads in a fresh
+    # process with the README's offline snippet, copied from the README as written
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (out / "final" / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert f"| eval_loss, round 0 -> final | {rows[0]['eval_loss']:.4f} -> " in card
+    snippet = readme_block('resolve_model("offline:smollm2-135m-instruct")')
+    assert '"runs/demo/final"' in snippet
+    code = snippet.replace('"runs/demo/final"', repr(str(out / "final")))
+    code += "\nprint(sum(p.numel() for n, p in model.named_parameters() if 'lora_' in n))\n"
+    load = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert load.returncode == 0, load.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert int(load.stdout.split()[-1]) == summary["trainable_parameters"]
+
+
+def readme_block(marker: str) -> str:
+    """The README's python code block that contains `marker`."""
+    blocks = (ROOT / "README.md").read_text().split("```python\n")[1:]
+    (block,) = [b.split("```", 1)[0] for b in blocks if marker in b.split("```", 1)[0]]
+    return block
+
 
 RECOMPUTE = """
 import sys

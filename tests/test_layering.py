@@ -45,6 +45,7 @@ LAYERS = [
     "report.folder",
     "report.plots",
     "report.document",
+    "report.card",
     "report.run",
     "report.study",
     "report",
@@ -64,6 +65,7 @@ LAYERS = [
     "inprocess",
     "compare",
     "deploy",
+    "cli_args",
     "cli",
 ]
 LATE_IMPORTS_ALLOWED = {"cli", "apps.client"}

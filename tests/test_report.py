@@ -172,7 +172,14 @@ def test_write_plots_full_run(tmp_path):
     for p in paths:
         assert p.parent == d / "plots"
         assert_png(p)
-    assert sorted(x.name for x in (d / "plots").iterdir()) == sorted(p.name for p in paths)
+        svg = p.with_suffix(".svg").read_text()  # a vector copy beside each PNG, for papers
+        assert svg.startswith("<?xml") and "<svg" in svg
+        # the subtitle names the run: model, data, task, strategy, clients, seed
+        assert "tiny · fedavg · 3 clients" in svg, p
+    with_svg = [p.name for p in paths] + [p.with_suffix(".svg").name for p in paths]
+    assert sorted(x.name for x in (d / "plots").iterdir()) == sorted(with_svg)
+    width = int.from_bytes(paths[0].read_bytes()[16:20], "big")  # IHDR
+    assert width == 8 * 200  # 8-inch figures at 200 dpi
 
 
 def test_optional_plots_only_when_data(tmp_path):
@@ -181,7 +188,8 @@ def test_optional_plots_only_when_data(tmp_path):
     (d / "plots" / "partitions.png").write_bytes(b"stale, from an earlier run here")
     names = {p.name for p in R.write_plots(d)}
     assert names == {"loss.png", "time.png", "communication.png", "memory.png"}
-    assert {p.name for p in (d / "plots").iterdir()} == names
+    svgs = {n.replace(".png", ".svg") for n in names}
+    assert {p.name for p in (d / "plots").iterdir()} == names | svgs
 
 
 @pytest.mark.parametrize(
@@ -218,8 +226,10 @@ def test_report_per_round_table_matches_metrics(tmp_path):
     assert len(body) == len(rows)
     col = {h: i for i, h in enumerate(head)}
     assert "eval_accuracy" in col
+    best = min(rows, key=lambda r: r["eval_loss"])["round"]
     for cells, row in zip(body, rows):
-        assert int(cells[col["round"]]) == row["round"]
+        marked = f"**{row['round']}** (best)" if row["round"] == best else str(row["round"])
+        assert cells[col["round"]] == marked  # the best round stands out
         assert cells[col["eval_loss"]] == f"{row['eval_loss']:.4f}"
         if row["round"] == 0:
             assert cells[col["MiB down"]] == cells[col["train_loss"]] == ""
@@ -238,6 +248,9 @@ def test_report_totals_best_round_and_environment(tmp_path):
     totals = dict(md_table(md.read_text(), "Summary")[1:])
     best = min(rows, key=lambda r: r["eval_loss"])
     assert best["round"] == 2 and totals["best round (by eval_loss)"] == "2"
+    page = html.read_text()
+    assert page.count("<tr class='best'>") == 1
+    assert page.split("<tr class='best'>")[1].startswith("<td>2</td>")
     assert totals["best eval_loss"] == f"{best['eval_loss']:.4f}"
     mib_down = sum(r.get("bytes_down", 0) for r in rows) / 2**20
     mib_up = sum(r.get("bytes_up", 0) for r in rows) / 2**20

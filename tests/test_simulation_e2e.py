@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,17 @@ def test_lora_simulation_writes_a_complete_run_folder(tmp_path, tiny_model_dir, 
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert "round 2/2" in proc.stderr + proc.stdout  # progress on the terminal
     assert "[client 1] round 2 step 3/3" in proc.stderr + proc.stdout
+    # a line per phase, each round with its ETA; into a pipe: no colour or cursor codes
+    for line in (
+        "round 0: evaluating",
+        "round 1/2: 2 clients training",
+        "round 1: 2/2 clients done",
+    ):
+        assert line in proc.stderr, line
+    assert re.search(r"round 1/2 .*\| elapsed \d+s, ETA \d+s", proc.stderr)
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", proc.stderr + proc.stdout)
+    assert "fraction_evaluate is set to 0.0" not in proc.stderr  # what fedtune chose itself
+    assert re.search(r"best round [0-2]: eval_loss", proc.stdout)  # the end-of-run table
 
     # bytes on the wire: the adapter's ArrayRecord, once per client and direction
     adapter_bytes = M.to_arrays(M.load_model(cfg)).count_bytes()

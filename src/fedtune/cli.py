@@ -1,5 +1,5 @@
 """`fedtune` command line: run | validate | deploy | worker | compare | report | eval | ls |
-init | keys.
+push | init | keys.
 
 Heavy imports (torch, transformers, flwr) happen only after the recipe validated, so a bad
 key fails in about a second.
@@ -7,11 +7,12 @@ key fails in about a second.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
+
+from fedtune.cli_args import build_parser
 
 
 def _load(args):
@@ -238,6 +239,29 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from fedtune.errors import ConfigError, RunError
+
+    final = Path(args.run).expanduser() / "final"
+    if not (final / "README.md").is_file():
+        raise ConfigError([f"{final} holds no final model (a finished run writes it)"])
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ConfigError(["HF_HUB_OFFLINE=1 switches the hub off; unset it to push"])
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=str(final), repo_id=args.repo_id, commit_message=f"fedtune: {args.run}"
+        )
+    except (HfHubHTTPError, OSError) as err:  # no token, no rights, no network
+        raise RunError(f"pushing {final} to {args.repo_id} failed: {err}") from None
+    print(getattr(info, "commit_url", None) or f"https://huggingface.co/{args.repo_id}")
+    return 0
+
+
 def cmd_keys(args) -> int:
     from fedtune.config import describe
 
@@ -245,139 +269,17 @@ def cmd_keys(args) -> int:
     return 0
 
 
-def add_overrides(parser, helptext: str) -> None:
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=helptext)
-
-
 def main(argv: list[str] | None = None) -> int:
     from fedtune.console import to_terminal
 
     to_terminal()  # every `fedtune` logger: "[fedtune] ..." lines on stderr, INFO and up
-    parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    parser.add_argument(
-        "--debug", action="store_true", help="show the traceback of an error (normally one line)"
-    )
-    parser.add_argument(
-        "--verbose", action="store_true", help="also show Flower's lines fedtune filters out"
-    )
-    from fedtune import __version__
-
-    parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
-    for name, fn, helptext in [
-        ("run", cmd_run, "run a recipe on Flower's Simulation Engine"),
-        ("validate", cmd_validate, "check a recipe (keys, types, ranges, paths) without training"),
-    ]:
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument(
-            "recipe",
-            nargs="?" if name == "run" else None,
-            help="recipe TOML file, e.g. recipes/demo.toml",
-        )
-        add_overrides(p, "override a recipe value, e.g. --set federation.rounds=2")
-        if name == "run":
-            p.add_argument(
-                "--json", action="store_true", help="print the run's summary.json at the end"
-            )
-            p.add_argument(
-                "--resume",
-                metavar="RUN_DIR",
-                help="continue a stopped or killed run from its latest checkpoint",
-            )
-            p.add_argument(
-                "--engine",
-                choices=["simulation", "inprocess"],
-                default="simulation",
-                help="simulation: Flower's Simulation Engine "
-                "(default); inprocess: clients called in this process, one after "
-                "another, no Ray (debugging, non-federated baselines)",
-            )
-        p.set_defaults(fn=fn)
-    p = sub.add_parser("deploy", help="run a recipe on Flower's Deployment Engine")
-    p.add_argument(
-        "where",
-        choices=["local"],
-        help="local: SuperLink + SuperNodes as "
-        "processes on 127.0.0.1 (see deploy/ for containers and other hosts)",
-    )
-    p.add_argument("recipe")
-    p.add_argument("--clients", type=int, required=True, help="number of SuperNodes")
-    p.add_argument("--tls", action="store_true", help="TLS with a generated local CA")
-    p.add_argument("--auth", action="store_true", help="SuperNode authentication (implies TLS)")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds before giving up")
-    p.add_argument("--json", action="store_true", help="print the run's summary.json at the end")
-    p.add_argument(
-        "--no-workers",
-        action="store_true",
-        help="no `fedtune worker` beside each SuperNode: every ClientApp process loads the "
-        "model and data itself, each round (Flower's own behaviour)",
-    )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(fn=cmd_deploy)
-    p = sub.add_parser(
-        "worker",
-        help="keep model and data warm beside a SuperNode: its ClientApps relay train "
-        'messages here (node config worker-socket="PATH")',
-    )
-    p.add_argument("--socket", required=True, help="Unix socket path (at most 100 bytes)")
-    p.set_defaults(fn=cmd_worker)
-    p = sub.add_parser(
-        "report", help="(re)write report.md/.html and plots of one run, or overlay several runs"
-    )
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    p.set_defaults(fn=cmd_report)
-    p = sub.add_parser(
-        "compare",
-        help="run several arms (baselines, strategies, FedKD) "
-        "on the same data and seeds; write comparison.json/.md and plots",
-    )
-    p.add_argument("recipe")
-    p.add_argument(
-        "--arms",
-        action="append",
-        help="comma-separated: pretrained, "
-        "centralized, local-only, fedavg-full, fedlora, fedkd-lora, or a strategy "
-        "(default: the recipe's [compare] arms)",
-    )
-    p.add_argument("--seeds", type=int, help="seeds per arm (default: [compare] seeds)")
-    p.add_argument("--out", help="comparison folder (default: the recipe's output.dir)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(fn=cmd_compare)
-    p = sub.add_parser(
-        "eval",
-        help="evaluate a run's final model, or a base model, on "
-        "benchmark suites (mmlu) and/or the recipe's test split (task)",
-    )
-    p.add_argument(
-        "target",
-        help="a run folder (uses its config.toml and final/), or a "
-        "model: hub id, local folder, offline:NAME",
-    )
-    p.add_argument(
-        "--suite",
-        action="append",
-        required=True,
-        help="mmlu and/or task (comma-separated or repeated)",
-    )
-    p.add_argument(
-        "--out", help="where eval/*.json go (default: the run folder, or runs/eval-MODEL)"
-    )
-    add_overrides(p, "e.g. --set eval.mmlu_source=offline:mmlu-cot")
-    p.set_defaults(fn=cmd_eval)
-    sub.add_parser("keys", help="list every recipe key with its default").set_defaults(fn=cmd_keys)
-    p = sub.add_parser("ls", help="list run folders: status, rounds, best metric, wall time")
-    p.add_argument("dir", nargs="?", default="runs", help="where to look (default: runs)")
-    p.set_defaults(fn=cmd_ls)
-    p = sub.add_parser("init", help="write a recipe with every key, its default and its help")
-    p.add_argument("file", help="the new recipe file, e.g. my-run.toml")
-    p.set_defaults(fn=cmd_init)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ["FEDTUNE_VERBOSE"] = "1"
     from fedtune.errors import FedtuneError
 
     try:
-        return args.fn(args)
+        return COMMANDS[args.command](args)
     except BrokenPipeError:  # `fedtune keys | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
@@ -386,6 +288,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fedtune: {err}", file=sys.stderr)
         return err.exit_code
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "deploy": cmd_deploy,
+    "worker": cmd_worker,
+    "report": cmd_report,
+    "compare": cmd_compare,
+    "eval": cmd_eval,
+    "keys": cmd_keys,
+    "ls": cmd_ls,
+    "push": cmd_push,
+    "init": cmd_init,
+}
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from results.py when their run folder opens.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 LOGGER_NAME = "fedtune"
@@ -35,3 +36,25 @@ def to_terminal() -> logging.Logger:
         handler.setFormatter(logging.Formatter("[fedtune] %(message)s"))
         logger.addHandler(handler)
     return logger
+
+
+# Flower lines about what fedtune chose or reports itself (`fedtune --verbose` keeps them):
+# centralized evaluation only (fraction_evaluate = 0), Ray actors stopped at the end.
+FLOWER_NOISE = ("fraction_evaluate is set to 0.0", "Manually terminating")
+
+
+def quiet_flower() -> None:
+    """Flower's logger in this process (the CLI's, a Ray actor's, a ClientApp's): no colour
+    codes when stderr is not a terminal, no FLOWER_NOISE unless FEDTUNE_VERBOSE=1."""
+    from flwr.common.logger import FLOWER_LOGGER, update_console_handler  # an engine runs
+
+    update_console_handler(colored=sys.stderr.isatty())
+    if os.environ.get("FEDTUNE_VERBOSE") != "1" and not any(
+        getattr(f, "fedtune", False) for f in FLOWER_LOGGER.filters
+    ):
+
+        def keep(record) -> bool:
+            return not str(record.msg).startswith(FLOWER_NOISE)
+
+        keep.fedtune = True
+        FLOWER_LOGGER.addFilter(keep)

@@ -33,7 +33,7 @@ from fedtune import (
 from fedtune.errors import ModelError, RunError
 from fedtune.evaluate import evaluate_task, run_suites
 from fedtune.nodes import NodeDirectory
-from fedtune.report import fmt, write_plots, write_report
+from fedtune.report import fmt, write_model_card, write_plots, write_report
 from fedtune.results import (
     RunFolder,
     manifest,
@@ -179,6 +179,7 @@ class ServerLoop:
             arrivals = aggregation.pull_as_they_arrive(
                 self.grid, messages, 0.05, fed.round_timeout_s
             )
+            self.log.info(f"round {rnd}/{fed.rounds}: {len(messages)} clients training")
             for reply in arrivals:
                 verdict, arrays = self.screen(reply, sent)
                 node = reply.metadata.src_node_id
@@ -191,6 +192,7 @@ class ServerLoop:
                     received.append(metrics | {"bytes": payload_bytes(reply), "node": node})
                     received[-1] |= {"update_norm": verdict.norm, "clip_scale": verdict.scale}
                     folded.add(arrays, float(metrics[aggregation.WEIGHT_KEY]), verdict.scale)
+                    self.log.info(f"round {rnd}: {len(received)}/{len(messages)} clients done")
                 del reply, arrays
             head = {
                 "round": rnd,
@@ -275,6 +277,7 @@ class ServerLoop:
         cfg, last, res = self.cfg, self.cfg.federation.rounds, {"round": rnd}
         every, suites_every = cfg.eval.every, cfg.eval.suites_every
         if rnd == last or (every and rnd % every == 0):
+            self.log.info(f"round {rnd}: evaluating ({len(self.test_examples)} test examples)")
             t0 = time.perf_counter()
             res |= evaluate_task(
                 self.model, self.tokenizer, cfg, self.test_rows, self.test_examples
@@ -345,7 +348,7 @@ class ServerLoop:
             final_round = best
             self.log.info(f"final model = best checkpoint (round {final_round})")
         if cfg.output.save_final:
-            M.save_final(self.model, self.tokenizer, run.dir / "final")
+            M.save_final(self.model, self.tokenizer, run.dir / "final", cfg.model.name)
             self.log.info(
                 f"final model (round {final_round}) saved with save_pretrained in "
                 f"{run.dir / 'final'}"
@@ -373,6 +376,8 @@ class ServerLoop:
                 "manifest": manifest(cfg, self.parts),
             },
         )
+        if cfg.output.save_final:  # before summary.json: a finished-looking run has its card
+            write_model_card(cfg, summary, run.dir / "final")
         run.write_summary(summary)
         if cfg.output.plots:
             try:

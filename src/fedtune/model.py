@@ -20,6 +20,7 @@ from huggingface_hub.errors import RemoteEntryNotFoundError
 from fedtune import assets
 from fedtune.config import Config, hub_unreachable, looks_local
 from fedtune.errors import HubModelError, ModelError
+from fedtune.files import atomic_write_json
 
 LINEAR_HINTS = ("proj", "attn", "query", "key", "value", "dense", "fc")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -307,7 +308,15 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def save_final(model, tokenizer, folder: Path) -> None:
-    """save_pretrained format: a PEFT adapter for LoRA, a full model otherwise."""
+def save_final(model, tokenizer, folder: Path, base_name: str) -> None:
+    """save_pretrained format: a PEFT adapter for LoRA, a full model otherwise. An adapter
+    names its base by `assets.hub_id` (the hub repository of an offline model, not the
+    converted copy's path on this machine), so `AutoPeftModel*.from_pretrained` works
+    elsewhere; the local path stays in the model card."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    adapter = Path(folder) / "adapter_config.json"
+    if adapter.is_file():
+        config = json.loads(adapter.read_text())
+        config["base_model_name_or_path"] = assets.hub_id(base_name)
+        atomic_write_json(adapter, config)

@@ -20,7 +20,6 @@ from flwr.app import Context, RecordDict
 # Private Flower internals, checked against flwr 1.41.0 (tests/test_flower_internals.py
 # fails loudly when an upgrade moves them); nowhere else in fedtune.
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES, ErrorCode
-from flwr.common.logger import FLOWER_LOGGER, update_console_handler
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION_ID
@@ -30,6 +29,7 @@ from flwr.supercore.telemetry import EventType
 
 from fedtune import config as C, kd
 from fedtune.apps import client, server, write_app_folder
+from fedtune.console import quiet_flower
 from fedtune.errors import RunError
 
 CLIENT_APP_RAISED_EXCEPTION = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -44,30 +44,12 @@ QUIET_ENV = {
 }
 
 
-# Flower lines about what fedtune chose or reports itself (`fedtune --verbose` keeps them):
-# centralized evaluation only (fraction_evaluate = 0), Ray actors stopped at the end.
-FLOWER_NOISE = ("fraction_evaluate is set to 0.0", "Manually terminating")
-
-
-def quiet_flower() -> None:
-    """No colour codes when stderr is not a terminal; no FLOWER_NOISE unless verbose."""
-    update_console_handler(colored=sys.stderr.isatty())
-    if os.environ.get("FEDTUNE_VERBOSE") != "1" and not any(
-        getattr(f, "fedtune", False) for f in FLOWER_LOGGER.filters
-    ):
-
-        def keep(record) -> bool:
-            return not str(record.msg).startswith(FLOWER_NOISE)
-
-        keep.fedtune = True
-        FLOWER_LOGGER.addFilter(keep)
-
-
 def prepare(cfg: C.Config) -> None:
     """Work done once before any process starts, after `preflight.preflight` passed:
     quiet environment for the engine, the KD teacher trained (or found in its cache)."""
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
+    os.environ.setdefault("RAY_COLOR_PREFIX", "1" if sys.stderr.isatty() else "0")
     quiet_flower()
     if cfg.kd.enabled:  # train (or find) the teacher once, before any client needs it
         kd.ensure_teacher(cfg)

@@ -18,7 +18,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from fedtune import comm, kd, model as M, privacy, tasks
 from fedtune.apps import config_from_run_config, partition_id, process_age_seconds
 from fedtune.apps.cache import CACHE, model_key
-from fedtune.console import to_terminal
+from fedtune.console import quiet_flower, to_terminal
 from fedtune.data import source_stamp
 from fedtune.results import peak_rss_mb
 from fedtune.train import client_seed, train_local
@@ -88,6 +88,7 @@ def client_setup(cfg, pid: int, context: Context):
     """(model, tokenizer, initial weights, examples, loss_fn, timing metrics), from the
     process cache."""
     to_terminal()  # Flower started this process, not the CLI: fedtune's log lines need it
+    quiet_flower()
     if cfg.federation.client_threads:
         torch.set_num_threads(cfg.federation.client_threads)
     t0 = time.perf_counter()

@@ -170,7 +170,12 @@ class FederationConfig:
     )
     rounds: int = _f(3, "federated rounds (0 = only evaluate the initial model)", ">= 0")
     fraction: float = _f(1.0, "fraction of clients sampled for training each round", "(0, 1]")
-    client_cpus: float = _f(1.0, "CPUs reserved per simulated client (Ray resources)", "> 0")
+    client_cpus: float = _f(
+        1.0, "CPUs reserved per simulated client (Ray resources): cores / client_cpus actors "
+        "train at once; = cores with client_threads = cores trains clients in turn on every "
+        "core (the demos: within 4% of 1-thread actors, bench/actors_threads.py, one model "
+        "copy in RAM instead of one per actor)", "> 0",
+    )  # fmt: skip
     client_threads: int = _f(1, "torch threads inside each client (0 = torch's default)", ">= 0")
     client_gpus: float = _f(0.0, "GPUs reserved per simulated client (0.5 = two per GPU)", ">= 0")
     min_clients: int = _f(

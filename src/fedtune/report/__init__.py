@@ -6,6 +6,7 @@ documents and number format (`document`); `run` and `study` build on those. The 
 are what callers use (federation.py after every round, the CLI, tests).
 """
 
+from fedtune.report.card import write_model_card
 from fedtune.report.document import fmt
 from fedtune.report.folder import best_row, load_rows, task_metrics
 from fedtune.report.plots import write_plots
@@ -29,6 +30,7 @@ __all__ = [
     "study_plots",
     "task_metrics",
     "write_comparison",
+    "write_model_card",
     "write_plots",
     "write_report",
     "write_study",

@@ -29,8 +29,10 @@ def fmt(v, spec: str = ".4f", missing: str = "") -> str:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return str(v)
     if spec == "mib":
-        return f"{v / MIB:.2f}"
-    return str(v) if isinstance(v, int) or not math.isfinite(v) else format(v, spec)
+        return f"{v / MIB:,.2f}"
+    if isinstance(v, int):
+        return f"{v:,}"  # 921,600 parameters
+    return format(v, spec) if math.isfinite(v) else str(v)
 
 
 def duration(s: float) -> str:
@@ -57,8 +59,14 @@ def _md(blocks) -> str:
                 fence += "`"
             out.append(f"{fence}{b[2] if len(b) > 2 else ''}\n{b[1].rstrip()}\n{fence}")
         elif b[0] == "table":
+            best = b[3] if len(b) > 3 else None  # a row to highlight (the best round)
             lines = ["| " + " | ".join(map(cell, b[1])) + " |", "|" + "---|" * len(b[1])]
-            lines += ["| " + " | ".join(map(cell, r)) + " |" for r in b[2]]
+            lines += [
+                "| "
+                + " | ".join(map(cell, [f"**{r[0]}** (best)", *r[1:]] if i == best else r))
+                + " |"
+                for i, r in enumerate(b[2])
+            ]
             out.append("\n".join(lines))
         elif b[0] == "img":
             out.append(f"![{b[1].stem}](plots/{b[1].name})")
@@ -70,7 +78,7 @@ color:#222}table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f2f2f2}
 td:first-child,th:first-child{text-align:left}pre{background:#f6f8fa;padding:.8em;
 overflow-x:auto;font-size:.85em}img{max-width:100%;display:block;margin:1em 0}
-code{background:#f6f8fa}"""
+code{background:#f6f8fa}tr.best td{background:#fff4c2;font-weight:600}"""
 
 
 def _html(blocks, title: str) -> str:
@@ -89,8 +97,12 @@ def _html(blocks, title: str) -> str:
             out.append(f"<pre><code>{e(b[1])}</code></pre>")
         elif b[0] == "table":
             head = "".join(f"<th>{e(str(h))}</th>" for h in b[1])
+            best = b[3] if len(b) > 3 else None
             body = "".join(
-                "<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in b[2]
+                ("<tr class='best'>" if i == best else "<tr>")
+                + "".join(f"<td>{e(str(c))}</td>" for c in r)
+                + "</tr>"
+                for i, r in enumerate(b[2])
             )
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif b[0] == "img":

@@ -95,7 +95,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         ("tokens/s (mean over rounds)", fmt(mean(rows, "tokens_per_s"), ".1f")),
         (
             "train samples / tokens",
-            f"{total(rows, 'train_samples'):.0f} / {total(rows, 'train_tokens'):.0f}",
+            f"{total(rows, 'train_samples'):,.0f} / {total(rows, 'train_tokens'):,.0f}",
         ),
     ]
     totals += [
@@ -161,7 +161,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         ("h", "Summary"),
         ("table", ["", "value"], totals),
         ("h", "Per round"),
-        ("table", head, table),
+        ("table", head, table, next((i for i, r in enumerate(rows) if r is best), None)),
     ]
     parts = load_json(run_dir / "partitions.json").get("clients") or []
     if parts:
