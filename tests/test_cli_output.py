@@ -97,8 +97,8 @@ def test_flower_lines_fedtune_reports_itself_are_filtered_and_never_coloured_in_
     import sys
 
     code = (
-        "import logging; from fedtune.console import quiet_flower; quiet_flower(); "
-        "from flwr.common.logger import log; "
+        "import logging; from flwr.common.logger import log; "
+        "from fedtune.console import quiet_flower; quiet_flower(); "
         "log(logging.WARNING, 'fraction_evaluate is set to 0.0. Federated evaluation off'); "
         "log(logging.WARNING, 'Manually terminating ClientAppActor'); "
         "log(logging.INFO, 'a line that stays')"

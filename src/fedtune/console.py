@@ -46,15 +46,16 @@ FLOWER_NOISE = ("fraction_evaluate is set to 0.0", "Manually terminating")
 def quiet_flower() -> None:
     """Flower's logger in this process (the CLI's, a Ray actor's, a ClientApp's): no colour
     codes when stderr is not a terminal, no FLOWER_NOISE unless FEDTUNE_VERBOSE=1."""
-    from flwr.common.logger import FLOWER_LOGGER, update_console_handler  # an engine runs
-
-    update_console_handler(colored=sys.stderr.isatty())
+    flower = logging.getLogger("flwr")  # Flower's logger, by its public name
+    for handler in flower.handlers:
+        if hasattr(handler, "colored"):  # Flower's ConsoleHandler
+            handler.colored = sys.stderr.isatty()
     if os.environ.get("FEDTUNE_VERBOSE") != "1" and not any(
-        getattr(f, "fedtune", False) for f in FLOWER_LOGGER.filters
+        getattr(f, "fedtune", False) for f in flower.filters
     ):
 
         def keep(record) -> bool:
             return not str(record.msg).startswith(FLOWER_NOISE)
 
         keep.fedtune = True
-        FLOWER_LOGGER.addFilter(keep)
+        flower.addFilter(keep)
