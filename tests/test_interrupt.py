@@ -79,7 +79,10 @@ def test_ctrl_c_stops_a_simulation_keeps_its_rounds_and_resume_finishes_it(
     assert "Traceback" not in err, err[-3000:]
     done = read_rows(out)[-1]["round"]
     assert f"interrupted after round {done}; resume with: fedtune run --resume {out}" in err
-    assert not [p for p in started if alive(p)], "processes left running"
+    left = [p for p in started if alive(p)]
+    assert not left, (
+        f"processes left running: {[Path(f'/proc/{p}/cmdline').read_bytes()[:200] for p in left]}"
+    )
     assert not (out / "summary.json").exists()  # the folder does not look finished
 
     resumed = subprocess.run(

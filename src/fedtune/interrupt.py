@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,12 +46,26 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_descendants() -> None:
-    for pid in reversed(descendants(os.getpid())):  # deepest first: nobody respawns them
+def gone(pid: int) -> bool:
+    """Exited (or a zombie, which nobody may reap in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+def kill_descendants(wait_s: float = 5.0) -> None:
+    """SIGKILL every descendant, deepest first (nobody respawns them), then wait until they
+    are gone: a killed process holding GBs takes a moment to free them."""
+    pids = list(reversed(descendants(os.getpid())))
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not all(gone(p) for p in pids):
+        time.sleep(0.05)
 
 
 def where_it_stands(run_dir: str | Path) -> str:
