@@ -69,6 +69,13 @@ def main() -> None:
         )
     print(f"plain loop setup (model load + data, once): {setup:.1f} s")
     print("breakdown per round (slowest client for each part; a round's clients run at once):")
+    for s in sim_rows[1:]:
+        rest = s["round_seconds"] - s["client_train_seconds_sum"] - s["eval_seconds"]
+        print(
+            f"  simulation, round {s['round']}: training {s['client_train_seconds_sum']:.1f}"
+            f" (clients in turn, summed) | server eval {s['eval_seconds']:.1f}"
+            f" | setup, transfer, aggregation, waiting {rest:.1f}"
+        )
     for name, rows in deps.items():
         for d in rows[1:]:
             rest = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord, MessageType, MetricRecord
 
+from fedtune.compress import unbundle
 from fedtune.inprocess import InProcessGrid, error_reply
 
 
@@ -59,7 +60,7 @@ class RecordingGrid(InProcessGrid):
         if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
             return super().push_messages(messages)
         self.round = rnd = int(messages[0].content["config"]["server-round"])
-        self.sent[rnd] = {k: v.numpy().copy() for k, v in messages[0].content["arrays"].items()}
+        self.sent[rnd] = arrays_of(unbundle(messages[0].content["arrays"]))
         self.replies[rnd] = []
         return super().push_messages(messages)
 
@@ -71,14 +72,14 @@ class RecordingGrid(InProcessGrid):
                     (
                         int(r.content["metrics"]["partition_id"]),
                         int(r.content["metrics"]["num-examples"]),
-                        {k: v.numpy().copy() for k, v in r.content["arrays"].items()},
+                        arrays_of(unbundle(r.content["arrays"])),
                     )
                 )
         return replies
 
 
 def arrays_of(record: ArrayRecord) -> dict:
-    return {k: v.numpy() for k, v in record.items()}
+    return {k: v.numpy().copy() for k, v in record.items()}
 
 
 class TamperingGrid(RecordingGrid):
@@ -93,8 +94,8 @@ class TamperingGrid(RecordingGrid):
         reply = super().handle(message)
         pid = self.contexts[message.metadata.dst_node_id].node_config["partition-id"]
         if message.metadata.message_type == MessageType.TRAIN and pid == self.attacker:
-            sent = arrays_of(message.content["arrays"])
-            arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+            sent = arrays_of(unbundle(message.content["arrays"]))
+            arrays = arrays_of(unbundle(reply.content["arrays"]))
             metrics = dict(reply.content["metrics"])
             arrays, metrics = self.tamper(arrays, metrics, sent)
             reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})

@@ -62,7 +62,8 @@ def test_each_uplink_mode_runs_and_counts_the_bytes_that_travel(
         sizes = [rec.count_bytes() for _, rec in grid.replies[rnd]]
         assert rows[rnd]["bytes_up"] == sum(sizes)
         for _, rec in grid.replies[rnd]:
-            assert unpacked_bytes(rec) == unpacked_bytes(one_reply) >= rec.count_bytes()
+            assert unpacked_bytes(compress.unbundle(rec)) == unpacked_bytes(one_reply)
+            assert list(rec.keys()) == [compress.BUNDLE]  # one Array travels, not one per tensor
         assert rows[rnd]["bytes_down"] == 2 * grid.sent[rnd].count_bytes()  # fp32 downlink
     fp32, _ = compress.encode(zeros, compress.Codec("fp32"))
     assert one_reply.count_bytes() < fp32.count_bytes()
@@ -91,8 +92,8 @@ def test_a_lossy_downlink_is_not_absorbed_by_the_global_model(tmp_path, tiny_mod
     init = state_shapes(cfg)
     g = dict(init)
     for rnd in (1, 2):
-        view = compress.decode(grid.sent[rnd], reference=init)
-        replies = [(n, compress.decode(rec)) for n, rec in grid.replies[rnd]]
+        view = compress.decode(compress.unbundle(grid.sent[rnd]), reference=init)
+        replies = [(n, compress.decode(compress.unbundle(rec))) for n, rec in grid.replies[rnd]]
         total = sum(n for n, _ in replies)
         lossy = any(not torch.allclose(view[k], g[k], atol=1e-9, rtol=0) for k in g)
         assert lossy == (rnd == 2)

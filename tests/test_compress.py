@@ -11,14 +11,18 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedtune.compress import (
+    BUNDLE,
+    BUNDLE_MAX_BYTES,
     MODES,
     PACKED,
     TAG,
     Codec,
+    bundle,
     decode,
     encode,
     residual_from_record,
     residual_record,
+    unbundle,
 )
 from fedtune.errors import ConfigError, ModelError
 
@@ -315,3 +319,75 @@ def test_unknown_array_kind_is_a_clear_error():
     record = ArrayRecord({"w": Array(dtype="int4", shape=(2,), stype="other", data=b"\x00")})
     with pytest.raises(ModelError, match="'w' is int4/other"):
         decode(record)
+
+
+def lora_like(n_layers: int = 6) -> ArrayRecord:
+    """Many small tensors (LoRA A and B) and one large one (a fully trained head)."""
+    state = random_state(
+        {f"l{i}.{m}.lora_{ab}": (4, 32) for i in range(n_layers) for m in "qv" for ab in "AB"},
+        seed=3,
+    )
+    state["head"] = torch.randn(300, 1000)  # 1.2 MB of fp32: over BUNDLE_MAX_BYTES
+    return ArrayRecord(state)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bundle_sends_the_small_arrays_as_one_and_restores_the_record_exactly(mode):
+    """Flower moves every Array as objects of their own, one request each per hop: the small
+    ones travel as one Array; the large one on its own, untouched (never copied)."""
+    plain = lora_like()
+    record, _ = encode(
+        {k: torch.from_numpy(a.numpy()) for k, a in plain.items()},
+        Codec(mode),
+        reference={k: torch.zeros(a.shape) for k, a in plain.items()},
+    )
+    wire = bundle(record)
+    small = [k for k, a in record.items() if len(a.data) < BUNDLE_MAX_BYTES]
+    assert len(small) > 2 and len(wire) == 1 + len(record) - len(small)
+    assert set(wire.keys()) - {BUNDLE} == set(record.keys()) - set(small)
+    assert all(wire[k] is record[k] for k in record.keys() if k not in small)
+    restored = unbundle(over_the_wire(wire))  # through Flower's own serialization
+    assert list(restored.keys()) == list(record.keys())  # order kept, TAG first
+    for k in record.keys():
+        a, b = record[k], restored[k]
+        assert (a.dtype, tuple(a.shape), a.stype, a.data) == (
+            b.dtype,
+            tuple(b.shape),
+            b.stype,
+            b.data,
+        )
+    # the bytes that travel: the data once, and a packed index no larger than the keys
+    data = sum(len(a.data) for a in record.values())
+    assert data < wire.count_bytes() <= record.count_bytes()
+
+
+def test_a_record_without_two_small_arrays_travels_as_it_is():
+    one = ArrayRecord({"w": torch.randn(3)})
+    assert bundle(one) is one and unbundle(one) is one
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        lambda d: d[:-3],  # truncated
+        lambda d: d + b"xx",  # bytes left over
+        lambda d: (10**6).to_bytes(8, "little") + d[8:],  # index length beyond the data
+        lambda d: d[:8] + b"{" + d[9:],  # index that is not zlib's
+    ],
+    ids=["truncated", "left-over", "index-length", "index-zlib"],
+)
+def test_a_bundle_that_does_not_add_up_is_one_clear_error(break_it):
+    """A hostile or broken client's bundle: a ModelError (the server rejects the reply),
+    never a partial record."""
+    wire = bundle(lora_like(2))
+    data = break_it(wire[BUNDLE].data)
+    wire[BUNDLE] = Array(dtype="bundle", shape=(len(data),), stype="fedtune.raw", data=data)
+    with pytest.raises(ModelError, match="bundle"):
+        unbundle(wire)
+
+
+def test_a_bundle_missing_an_array_it_lists_is_an_error():
+    wire = bundle(lora_like(2))
+    del wire["head"]
+    with pytest.raises(ModelError, match="bundle"):
+        unbundle(wire)

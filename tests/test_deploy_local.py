@@ -12,6 +12,7 @@ import pytest
 
 from fedtune.config import load
 from fedtune.deploy import DeployError, LocalDeployment, make_tls
+from fedtune.interrupt import descendants
 from fedtune.results import read_metrics
 from fedtune.simulation import prepare
 from test_simulation_e2e import ROOT, read_rows, run_cli, tiny_overrides
@@ -192,3 +193,78 @@ def wait_until(condition, timeout: float, poll: float = 0.2) -> None:
     while not condition():
         assert time.time() < deadline, "timed out"
         time.sleep(poll)
+
+
+def follow(dep, run_dir, rows, monkeypatch, running=lambda: None):
+    """Run `dep.wait` while a thread writes `rows` metrics lines, then summary.json; returns
+    how many times `flwr ls` was asked. Sleeps are shortened to 10 ms."""
+    import json
+    import threading
+
+    real_sleep, asked, done = time.sleep, [], threading.Event()
+    monkeypatch.setattr(time, "sleep", lambda s: real_sleep(min(s, 0.01)))
+    monkeypatch.setattr(dep, "serverapp_running", running)
+
+    def status(run_id):
+        asked.append(run_id)
+        return {"status": "finished:completed" if done.is_set() else "running"}
+
+    monkeypatch.setattr(dep, "status", status)
+
+    def write():
+        pause = threading.Event()
+        for r in range(rows):
+            with (run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"round": r, "eval_loss": 1.0}) + "\n")
+            pause.wait(0.1)
+        (run_dir / "summary.json").write_text("{}")
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    info = dep.wait(7, run_dir, timeout=30)
+    writer.join()
+    assert info["status"] == "finished:completed"
+    return len(asked)
+
+
+def test_wait_asks_flwr_ls_when_the_run_looks_finished_not_every_poll(tmp_path, monkeypatch):
+    """Each `flwr ls` is a Python process of ~2 CPU-s; asked every poll it took half a core
+    from the clients of a local deployment."""
+    dep = LocalDeployment(tmp_path / "work", 1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert follow(dep, run_dir, 10, monkeypatch) <= 2  # at start, then once summary.json is there
+
+
+def test_wait_asks_when_the_serverapp_process_is_gone(tmp_path, monkeypatch):
+    """A ServerApp that crashed writes no summary.json: its process vanishing is the signal."""
+    dep = LocalDeployment(tmp_path / "work", 1)
+    dep.status_every_s = 3600
+    states = iter([None, True, True, True, False])  # not started yet, running x3, gone
+    real_sleep, asked = time.sleep, []
+    monkeypatch.setattr(time, "sleep", lambda s: real_sleep(min(s, 0.01)))
+    monkeypatch.setattr(dep, "serverapp_running", lambda: next(states, False))
+
+    def status(run_id):
+        asked.append(run_id)
+        return {"status": "finished:failed" if len(asked) > 1 else "running"}
+
+    monkeypatch.setattr(dep, "status", status)
+    assert dep.wait(7, tmp_path, timeout=30)["status"] == "finished:failed"
+    assert len(asked) == 2  # at start, then when the process had gone
+
+
+def test_serverapp_running_finds_the_process_under_the_superlink(tmp_path):
+    """The real /proc walk: a stand-in SuperLink whose child is named flwr-serverapp."""
+    dep = LocalDeployment(tmp_path / "work", 1)
+    parent = subprocess.Popen(["bash", "-c", "(exec -a flwr-serverapp sleep 30) & wait"])
+    try:
+        dep.procs.append(("superlink", parent))
+        wait_until(lambda: dep.serverapp_running() is True, timeout=10, poll=0.05)
+        for pid in descendants(parent.pid):
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: dep.serverapp_running() is False, timeout=10, poll=0.05)
+    finally:
+        parent.kill()
+        parent.wait()

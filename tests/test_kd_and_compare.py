@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedtune import config as C, kd, model as M, tasks
+from fedtune.compress import bundle
 from fedtune.federation import run_federation
 from fedtune.inprocess import InProcessGrid
 from fedtune.results import best_round
@@ -221,7 +222,7 @@ def test_fedkd_round_trains_the_teacher_once_and_distils_into_lora(
     rows = rows_of(tmp_path / "run")
     assert rows[1]["clients_ok"] == 2 and rows[1]["train_loss"] > 0
     # only the student's LoRA (+ head) travels: the bytes equal a plain LoRA run's
-    plain = M.to_arrays(M.load_model(cfg)).count_bytes()
+    plain = bundle(M.to_arrays(M.load_model(cfg))).count_bytes()
     assert rows[1]["bytes_up"] == 2 * plain
 
 

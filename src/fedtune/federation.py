@@ -22,6 +22,7 @@ from fedtune import (
     aggregation,
     checkpoint,
     comm,
+    compress,
     config as C,
     guard,
     model as M,
@@ -228,7 +229,10 @@ class ServerLoop:
         if reason:
             return guard.Verdict(reason), None
         self.nodes.learn(reply.metadata.src_node_id, int(reply.content["metrics"]["partition_id"]))
-        arrays = reply.content["arrays"]
+        try:
+            arrays = compress.unbundle(reply.content["arrays"])
+        except ModelError as err:
+            return guard.Verdict(f"cannot decode the update: {err}"), None
         if self.channel.plain:
             wire = {k: a.dtype for k, a in self.arrays.items()}
             return guard.screen(arrays, sent, self.cfg.robust, wire), arrays
@@ -247,10 +251,16 @@ class ServerLoop:
         messages = list(
             self.strategy.configure_train(rnd, self.arrays, train_config, self.nodes.sorted_view())
         )
-        if not self.channel.plain:  # the strategy keeps the exact arrays; clients get these
-            record = self.channel.downlink(M.trainable_state(self.model))
-            for m in messages:
-                m.content["arrays"] = record
+        if not messages:
+            return messages
+        record = (  # the strategy keeps the exact arrays; clients get the channel's view
+            messages[0].content["arrays"]
+            if self.channel.plain
+            else self.channel.downlink(M.trainable_state(self.model))
+        )
+        record = compress.bundle(record)  # one record, shared: Flower sends it once per node
+        for m in messages:
+            m.content["arrays"] = record
         return messages
 
     def fail(self, rnd: int, failures: list[dict], n_ok: int, n_sampled: int) -> NoReturn:

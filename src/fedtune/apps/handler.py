@@ -9,13 +9,14 @@ It runs in the ClientApp's process (simulation, or deployment without a worker) 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from fedtune import comm, kd, model as M, privacy, tasks
+from fedtune import comm, compress, kd, model as M, privacy, tasks
 from fedtune.apps import config_from_run_config, partition_id, process_age_seconds
 from fedtune.apps.cache import CACHE, model_key
 from fedtune.console import quiet_flower, to_terminal
@@ -25,8 +26,16 @@ from fedtune.train import client_seed, train_local
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """A train message through `privacy.dp`'s client mod (if any), then `train`."""
-    return dp_mod(msg, context, train)
+    """A train message through `privacy.dp`'s client mod (if any), then `train`. The mods
+    see the arrays as `compress.bundle` was given them, on the way in and out."""
+    content = RecordDict(dict(msg.content.items()))  # the server's may be shared by nodes
+    content["arrays"] = compress.unbundle(content["arrays"])
+    msg = copy.copy(msg)  # in-process engines hand over the server's own message
+    msg.content = content
+    reply = dp_mod(msg, context, train)
+    if not reply.has_error():
+        reply.content["arrays"] = compress.bundle(reply.content["arrays"])
+    return reply
 
 
 def dp_mod(msg: Message, context: Context, call_next) -> Message:
