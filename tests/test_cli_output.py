@@ -1,8 +1,13 @@
 """The end of a run, for people: a table of rounds, the best round, totals, paths."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 from fedtune.results import summary_text
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_rows(folder, rows):
@@ -60,6 +65,38 @@ def test_init_writes_a_recipe_of_the_defaults_that_loads(tmp_path):
     assert main(["init", str(target)]) == 0
     assert load(str(target)) == load(None)  # every key, at its default, parses back
     assert main(["init", str(target)]) == 2  # never overwrites
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.stem)
+def test_init_from_a_recipe_writes_every_key_with_that_recipes_values(tmp_path, recipe):
+    """`init --from`: the new file loads to the very config of the recipe it came from, and
+    says which defaults the recipe changed."""
+    from fedtune.cli import main
+    from fedtune.config import describe, load
+
+    target = tmp_path / "mine.toml"
+    assert main(["init", str(target), "--from", str(recipe)]) == 0
+    assert load(str(target)) == load(str(recipe))
+    text = target.read_text()
+    assert f"its value in {recipe}" in text
+    keys = [ln.split(" = ")[0] for ln in describe().splitlines() if ln.startswith("  ")]
+    assert [ln.split(" = ")[0] for ln in text.splitlines() if ln.startswith("  ")] == keys
+    changed = [ln for ln in text.splitlines() if "(default " in ln]
+    assert changed and all(ln.split(" = ")[0].strip() for ln in changed)
+
+
+def test_init_from_a_name_in_recipes_and_an_unknown_name(tmp_path, monkeypatch, capsys):
+    from fedtune.cli import main
+    from fedtune.config import load
+
+    monkeypatch.chdir(ROOT)
+    target = tmp_path / "instruct.toml"
+    assert main(["init", str(target), "--from", "demo-instruct"]) == 0
+    assert load(str(target)) == load("recipes/demo-instruct.toml")
+    assert main(["init", str(tmp_path / "x.toml"), "--from", "demo-instrcut"]) == 2
+    err = capsys.readouterr().err
+    assert "no such recipe file, nor recipes/demo-instrcut.toml" in err and "demo-instruct" in err
+    assert not (tmp_path / "x.toml").exists()
 
 
 def test_ls_lists_finished_and_incomplete_runs(tmp_path, capsys):

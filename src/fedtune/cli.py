@@ -225,16 +225,30 @@ def cmd_ls(args) -> int:
 
 
 def cmd_init(args) -> int:
-    from fedtune.config import ConfigError, describe
+    from fedtune.config import ConfigError, describe, load
 
     target = Path(args.file)
     if target.exists():
         raise ConfigError([f"{target} exists; give a new file name"])
+    cfg, origin = None, "its default"
+    if args.source:
+        source = Path(args.source).expanduser()
+        if not source.is_file() and (Path("recipes") / f"{args.source}.toml").is_file():
+            source = Path("recipes") / f"{args.source}.toml"
+        if not source.is_file():
+            known = sorted(p.stem for p in Path("recipes").glob("*.toml"))
+            raise ConfigError(
+                [
+                    f"--from {args.source}: no such recipe file"
+                    + (f", nor recipes/{args.source}.toml ({', '.join(known)})" if known else "")
+                ]
+            )
+        cfg, origin = load(str(source)), f"its value in {source}"
     header = (
-        "# A fedtune recipe: every key with its default and what it does (`fedtune keys`).\n"
+        f"# A fedtune recipe: every key with {origin} and what it does (`fedtune keys`).\n"
         "# Delete what you keep at its default; run with: fedtune run " + str(target) + "\n"
     )
-    target.write_text(header + describe() + "\n")
+    target.write_text(header + describe(cfg) + "\n")
     print(f"wrote {target}")
     return 0
 

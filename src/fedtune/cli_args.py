@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   fedtune compare recipes/demo.toml --arms pretrained,fedlora
   fedtune ls                                         run folders: status, rounds, best metric
   fedtune init my.toml                               a recipe with every key and its default
+  fedtune init my.toml --from demo-instruct          the same, from recipes/demo-instruct.toml
 """
 
 
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN_DIR", help="a finished run folder (it has final/)")
     p.add_argument("repo_id", help="USER/NAME on the Hugging Face hub (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repository private")
-    p = sub.add_parser("init", help="write a recipe with every key, its default and its help")
+    p = sub.add_parser("init", help="write a recipe with every key, its value and its help")
     p.add_argument("file", help="the new recipe file, e.g. my-run.toml")
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="RECIPE",
+        help="start from this recipe's values instead of the defaults: a file, or a name in "
+        "./recipes (demo, demo-instruct, opt350m-codeparrot-fedavgm, ...)",
+    )
     return parser

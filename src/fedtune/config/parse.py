@@ -193,19 +193,32 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def describe() -> str:
-    """Every key with its default, its choices and its help line (`fedtune keys`)."""
+def _toml(value) -> str:
+    """A TOML value on one line: JSON's strings, numbers and lists are TOML's; a table is
+    written inline ({ key = value })."""
+    if isinstance(value, dict):
+        items = ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items())
+        return f"{{ {items} }}" if items else "{}"
+    if isinstance(value, list | tuple):
+        return f"[{', '.join(_toml(v) for v in value)}]"
+    return json.dumps(value)
+
+
+def describe(cfg: Config | None = None) -> str:
+    """Every key with its value, its choices and its help line: the defaults (`fedtune
+    keys`), or a recipe's values with each changed default named (`fedtune init --from`)."""
     lines = []
 
-    def walk(cls, prefix: str, indent: str):
+    def walk(cls, prefix: str, indent: str, obj):
         hints = typing.get_type_hints(cls)
         names = {attr: key for (sec, key), attr in ALIASES.items() if sec == prefix}
         for f in fields(cls):
             key, typ = names.get(f.name, f.name), hints[f.name]
             if dataclasses.is_dataclass(typ):
-                walk(typ, f"{prefix}.{key}", indent)
+                walk(typ, f"{prefix}.{key}", indent, getattr(obj, f.name, None))
                 continue
             default = f.default if f.default is not MISSING else f.default_factory()
+            value = default if obj is None else getattr(obj, f.name)
             allowed = choices(typ) or (
                 choices(get_args(typ)[0]) if get_origin(typ) is list else None
             )
@@ -216,10 +229,12 @@ def describe() -> str:
             )
             if f.metadata.get("range"):
                 what += f" [{_range_text(f.metadata['range'])}]"
+            if _toml(value) != _toml(default):
+                what += f" (default {_toml(default)})"
             label = key if prefix in SECTIONS else f"{prefix.split('.', 1)[1]}.{key}"
-            lines.append(f"{indent}{label} = {json.dumps(default)}  # {f.metadata['help']}{what}")
+            lines.append(f"{indent}{label} = {_toml(value)}  # {f.metadata['help']}{what}")
 
     for section, cls in SECTIONS.items():
         lines.append(f"[{section}]")
-        walk(cls, section, "  ")
+        walk(cls, section, "  ", None if cfg is None else getattr(cfg, section))
     return "\n".join(lines)
