@@ -82,3 +82,21 @@ def unpacked_bytes(record) -> int:
         len(key) + len(zlib.decompress(a.data) if a.stype.endswith("+zlib") else a.data)
         for key, a in record.items()
     )
+
+
+def unpacked(record):
+    """The record with every zlib-packed Array replaced by its plain bytes (the largest a
+    packed record of these shapes can be)."""
+    from flwr.app import Array, ArrayRecord
+
+    out = ArrayRecord()
+    for key, a in record.items():
+        if a.stype.endswith("+zlib"):
+            a = Array(
+                dtype=a.dtype,
+                shape=a.shape,
+                stype=a.stype[: -len("+zlib")],
+                data=zlib.decompress(a.data),
+            )
+        out[key] = a
+    return out

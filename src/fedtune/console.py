@@ -39,14 +39,20 @@ def to_terminal() -> logging.Logger:
 
 
 # Flower lines about what fedtune chose or reports itself (`fedtune --verbose` keeps them):
-# centralized evaluation only (fraction_evaluate = 0), Ray actors stopped at the end.
-FLOWER_NOISE = ("fraction_evaluate is set to 0.0", "Manually terminating")
+# centralized evaluation only (fraction_evaluate = 0), Ray actors stopped at the end, the
+# clients sampled (fedtune's "round k/N: n clients training").
+FLOWER_NOISE = (
+    "fraction_evaluate is set to 0.0",
+    "Manually terminating",
+    "configure_train: Sampled",
+)
 
 
 def quiet_flower() -> None:
     """Flower's logger in this process (the CLI's, a Ray actor's, a ClientApp's): no colour
     codes when stderr is not a terminal, no FLOWER_NOISE unless FEDTUNE_VERBOSE=1."""
     flower = logging.getLogger("flwr")  # Flower's logger, by its public name
+    flower.propagate = False  # it has its own handler; a root handler (Ray's) would double it
     for handler in flower.handlers:
         if hasattr(handler, "colored"):  # Flower's ConsoleHandler
             handler.colored = sys.stderr.isatty()

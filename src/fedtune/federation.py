@@ -67,6 +67,7 @@ class ServerLoop:
         self.log = run.log
         torch.manual_seed(cfg.train.seed)
         self.log.info(f"run folder {run.dir} (config hash {cfg.hash()})")
+        self.log.info(f"loading the model ({cfg.model.name}) and the data ({cfg.data.source})")
         self.tokenizer = M.load_tokenizer(cfg.model.name)
         self.model = M.load_model(cfg)
         test, self.parts, column = tasks.load_task_data(cfg)

@@ -9,12 +9,14 @@ as `flwr run` would after fusing `[tool.flwr.app.config]` with `--run-config`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+import ray
 from flwr.app import Context, RecordDict
 
 # Private Flower internals, checked against flwr 1.41.0 (tests/test_flower_internals.py
@@ -33,6 +35,7 @@ from fedtune.console import quiet_flower
 from fedtune.errors import RunError
 
 CLIENT_APP_RAISED_EXCEPTION = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+log = logging.getLogger(__name__)
 
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -53,6 +56,25 @@ def prepare(cfg: C.Config) -> None:
     quiet_flower()
     if cfg.kd.enabled:  # train (or find) the teacher once, before any client needs it
         kd.ensure_teacher(cfg)
+
+
+def start_ray() -> None:
+    """Start Ray here rather than in Flower: Flower's backend config is JSON and cannot carry
+    a `ray.LoggingConfig`, and only with one does Ray print the clients' lines without its
+    "(ClientAppActor pid=...)" prefix. Otherwise as Flower's `RayBackend.init_ray` (the
+    actors get this PYTHONPATH, no dashboard); Flower then finds Ray running, uses it and
+    shuts it down at the end. The root logger's handler that the config adds passes
+    warnings only (Flower's own logger does not propagate to it: `quiet_flower`).
+    `--verbose` leaves Ray to Flower, prefix and all."""
+    if ray.is_initialized() or os.environ.get("FEDTUNE_VERBOSE") == "1":
+        return
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
+    )
 
 
 def set_task_identity(run_id: int) -> None:
@@ -82,8 +104,13 @@ def run_simulation(cfg: C.Config) -> dict:
         "init_args": {"include_dashboard": False},
     }
     app_dir = Path(tempfile.mkdtemp(prefix="fedtune-app-"))
+    log.info(
+        f"starting Flower's Simulation Engine: {cfg.federation.num_clients} simulated "
+        f"clients, {cfg.federation.client_cpus} CPU(s) each"
+    )
     try:
         write_app_folder(app_dir)
+        start_ray()
         _run_simulation(
             num_supernodes=cfg.federation.num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
