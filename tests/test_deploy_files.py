@@ -9,12 +9,14 @@ argument parser. certs.sh is run for real (openssl, ssh-keygen) into a temporary
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from fedtune import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -37,6 +41,22 @@ COMBOS = [
     ("compose.yml", "compose.state.yml", "compose.tls.yml"),
 ]
 COMBO_IDS = ["+".join({"compose.yml": "base"}.get(f) or f.split(".")[1] for f in c) for c in COMBOS]
+# `fedtune deploy compose` output beyond the committed 2 SuperNodes: 3 on the host network
+# with TLS and a user mount (what the Docker test runs), and 1 on compose's bridge network.
+GENERATED = Path(tempfile.mkdtemp(prefix="fedtune-compose-"))
+atexit.register(shutil.rmtree, GENERATED, ignore_errors=True)
+LAYOUTS = {
+    "host3": compose.Layout(3, "host", 39100, mounts=("/srv/run:/srv/run",), tls=True),
+    "bridge1": compose.Layout(1, gpus=True),
+}
+for _key, _layout in LAYOUTS.items():
+    compose.write(_layout, GENERATED / _key)
+COMBOS += [
+    (str(GENERATED / "host3/compose.yml"),),
+    (str(GENERATED / "host3/compose.yml"), str(GENERATED / "host3/compose.tls.yml")),
+    (str(GENERATED / "bridge1/compose.yml"),),
+]
+COMBO_IDS += ["host3", "host3+tls", "bridge1"]
 ENV = os.environ | {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
@@ -88,7 +108,7 @@ def _merge_service(base: dict, over: dict) -> dict:
 
 @cache
 def load(name: str) -> dict:
-    return yaml.safe_load((DEPLOY / name).read_text())
+    return yaml.safe_load((DEPLOY / name).read_text())  # an absolute name stays itself
 
 
 def merged(combo) -> dict[str, dict]:
@@ -146,6 +166,24 @@ def value(args: list[str], flag: str) -> str | None:
 def host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host, int(port)
+
+
+def host_network(combo) -> bool:
+    """Every container on the host's network (`--network host`): servers bind 127.0.0.1 and
+    are reached there, each on its own port; otherwise they bind 0.0.0.0 and are reached by
+    service name."""
+    modes = {svc.get("network_mode") for svc in merged(combo).values()}
+    assert len(modes) == 1, modes  # all or none
+    return modes == {"host"}
+
+
+def reached_as(combo, service: str) -> str:
+    return "127.0.0.1" if host_network(combo) else service
+
+
+def clients_of(combo) -> int:
+    folder = Path(combo[0]).parent.name
+    return LAYOUTS[folder].clients if folder in LAYOUTS else 2
 
 
 # ---- the real CLIs ----------------------------------------------------------------------------
@@ -301,7 +339,7 @@ def test_supernodes_have_distinct_partitions_and_one_size(combo):
     nodes = of(flower_services(combo), "flower-supernode")
     configs = [parse_config_args([value(a, "--node-config")]) for a in nodes.values()]
     n = len(configs)
-    assert n >= 2
+    assert n == clients_of(combo)
     assert sorted(c["partition-id"] for c in configs) == list(range(n)), configs
     assert {c["num-partitions"] for c in configs} == {n}, configs
 
@@ -331,22 +369,25 @@ def test_superexecs_point_at_existing_runtime_apis(combo):
     assert len(link) == 1
     ((link_name, link_args),) = link.items()
     assert value(link_args, "--isolation") == "process"
-    assert value(link_args, "--host") == "0.0.0.0"  # reachable from the other containers
+    bind = "127.0.0.1" if host_network(combo) else "0.0.0.0"  # reachable by the others
+    assert value(link_args, "--host") == bind
     link_port = int(value(link_args, "--port"))
+    link = (reached_as(combo, link_name), link_port)
 
     nodes = of(flower, "flower-supernode")
     served_by_node = {}
     for name, args in nodes.items():
         assert value(args, "--isolation") == "process", name
-        assert value(args, "--host") == "0.0.0.0", name
-        assert host_port(value(args, "--superlink")) == (link_name, link_port), name
-        served_by_node[(name, int(value(args, "--port")))] = []
+        assert value(args, "--host") == bind, name
+        assert host_port(value(args, "--superlink")) == link, name
+        served_by_node[(reached_as(combo, name), int(value(args, "--port")))] = []
+    assert len(served_by_node) == len(nodes)  # on the host network: one port each
 
     server_execs = []
     for name, args in of(flower, "flower-superexec").items():
         target = host_port(value(args, "--runtime-api-address"))
         assert is_fedtune_image(services[name]), f"{name}: app processes need the fedtune image"
-        if target == (link_name, link_port):
+        if target == link:
             server_execs.append(name)
         else:
             assert target in served_by_node, f"{name} points at {target}: no such SuperNode API"
@@ -377,7 +418,7 @@ def test_every_supernode_names_a_worker_its_clientapp_reaches(combo):
     for node, args in of(flower, "flower-supernode").items():
         sock = parse_config_args([value(args, "--node-config")])["worker-socket"]
         folder = str(Path(sock).parent)
-        api = (node, int(value(args, "--port")))
+        api = (reached_as(combo, node), int(value(args, "--port")))
         (app,) = [
             n
             for n, a in of(flower, "flower-superexec").items()
@@ -398,9 +439,12 @@ def test_tls_settings_agree_on_both_ends_of_every_link(combo):
     flower = flower_services(combo)
     (link_args,) = of(flower, "flower-superlink").values()
     link_tls = "--insecure" not in link_args
-    assert link_tls == ("compose.tls.yml" in combo)
+    assert link_tls == any(f.endswith("compose.tls.yml") for f in combo)
     nodes = of(flower, "flower-supernode")
-    node_tls = {(name, int(value(a, "--port"))): "--ssl-certfile" in a for name, a in nodes.items()}
+    node_tls = {
+        (reached_as(combo, name), int(value(a, "--port"))): "--ssl-certfile" in a
+        for name, a in nodes.items()
+    }
     for name, args in {**nodes, **of(flower, "flower-superexec")}.items():
         target = value(args, "--runtime-api-address")  # None for SuperNodes: they dial the link
         server_tls = node_tls.get(host_port(target), link_tls) if target else link_tls
@@ -573,3 +617,57 @@ def test_dockerfile_copies_existing_paths_runs_unprivileged_and_has_no_entrypoin
         "HF_HUB_DISABLE_PROGRESS_BARS=1",
     ):
         assert env in text, env
+
+
+# ---- tests: `fedtune deploy compose` ----------------------------------------------------------
+
+
+def test_the_committed_compose_files_are_the_generators_output(tmp_path):
+    """deploy/compose.yml and compose.tls.yml are `fedtune deploy compose --clients 2 --tls`;
+    edit the generator (src/fedtune/compose.py), then regenerate."""
+    from fedtune.cli import main
+
+    assert main(["deploy", "compose", "--clients", "2", "--tls", "--out", str(tmp_path)]) == 0
+    for name in ("compose.yml", "compose.tls.yml"):
+        assert (tmp_path / name).read_text() == (DEPLOY / name).read_text(), name
+
+
+def fedtune_services(services: dict) -> dict:
+    return {n: s for n, s in services.items() if is_fedtune_image(s)}
+
+
+def test_mounts_and_gpus_go_to_every_fedtune_container_and_only_there():
+    for combo in (COMBOS[-3], COMBOS[-1]):  # host3 (a mount), bridge1 (GPUs)
+        services = merged(combo)
+        layout = LAYOUTS[Path(combo[0]).parent.name]
+        apps = fedtune_services(services)
+        assert len(apps) == 1 + 2 * layout.clients  # serverapp, clientapp-i, worker-i
+        for name, svc in services.items():
+            for m in layout.mounts:
+                target = m.split(":")[1]
+                assert (mounts(svc).get(target) == m.split(":")[0]) == (name in apps), name
+            gpus = svc.get("deploy", {}).get("resources", {}).get("reservations", {})
+            wants = layout.gpus and name.startswith(("clientapp-", "worker-"))
+            assert bool(gpus) == wants, name
+            if wants:
+                assert gpus["devices"] == [
+                    {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+                ]
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--clients", "0"], "--clients 0: must be 1 or more"),
+        (["--clients", "2", "--mount", "/only/one/part"], "--mount /only/one/part: give"),
+        (["--clients", "2", "--mount", "/a:/b:rw"], "--mount /a:/b:rw: give"),
+        (["recipes/demo.toml", "--clients", "2"], "deploy compose takes no recipe"),
+    ],
+)
+def test_deploy_compose_refuses_bad_arguments_in_one_line(tmp_path, capsys, args, says):
+    from fedtune.cli import main
+
+    assert main(["deploy", "compose", *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -353,3 +353,18 @@ def test_early_stopping_counts_evaluations_not_rounds():
         assert not stop.should_stop(), row  # round 1 was not evaluated: nothing to count
     stop.update({"round": 3, "eval_loss": 1.6})
     assert stop.should_stop()
+
+
+def test_a_setup_failure_is_written_to_run_log(tmp_path, tiny_model_dir, code_jsonl):
+    """In deployment the ServerApp's own output lives in a container: run.log must say why
+    the run died (it ended at "loading the model" when the model was unreadable)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{not json")
+    cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "out", f"model.name={model}")
+    with pytest.raises(Exception) as caught:
+        run_federation(InProcessGrid(cfg), cfg)
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert f"the run failed: {type(caught.value).__name__}" in log
+    assert "Traceback (most recent call last)" in log
+    assert not (tmp_path / "out" / "summary.json").exists()

@@ -103,6 +103,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_deploy(args) -> int:
+    if args.where == "compose":
+        return cmd_compose(args)
+    if not args.recipe:
+        from fedtune.errors import ConfigError
+
+        raise ConfigError(["give a recipe: fedtune deploy local RECIPE.toml --clients N"])
     args.set = [*args.set, f"federation.num_clients={args.clients}"]
     cfg = _load(args)
     _preflight(cfg)
@@ -118,6 +124,28 @@ def cmd_deploy(args) -> int:
             workers=not args.no_workers,
         )
     print_summary(args, cfg, summary)
+    return 0
+
+
+def cmd_compose(args) -> int:
+    from fedtune import compose
+    from fedtune.errors import ConfigError
+
+    problems = [] if args.clients >= 1 else [f"--clients {args.clients}: must be 1 or more"]
+    problems += [
+        f"--mount {m}: give HOST:CONTAINER or HOST:CONTAINER:ro"
+        for m in args.mount
+        if len(m.split(":")) not in (2, 3) or (m.count(":") == 2 and not m.endswith(":ro"))
+    ]
+    if args.recipe:
+        problems.append("deploy compose takes no recipe: `flwr run` submits it (deploy/README.md)")
+    if problems:
+        raise ConfigError(problems)
+    layout = compose.Layout(
+        args.clients, args.network, args.port, args.gpus, tuple(args.mount), args.tls
+    )
+    for path in compose.write(layout, Path(args.out)):
+        print(path)
     return 0
 
 

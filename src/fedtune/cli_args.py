@@ -70,16 +70,50 @@ def build_parser() -> argparse.ArgumentParser:
                 "(default); inprocess: clients called in this process, one after "
                 "another, no Ray (debugging, non-federated baselines)",
             )
-    p = sub.add_parser("deploy", help="run a recipe on Flower's Deployment Engine")
+    p = sub.add_parser(
+        "deploy",
+        help="run a recipe on Flower's Deployment Engine, or write Docker Compose files for it",
+    )
     p.add_argument(
         "where",
-        choices=["local"],
-        help="local: SuperLink + SuperNodes as "
-        "processes on 127.0.0.1 (see deploy/ for containers and other hosts)",
+        choices=["local", "compose"],
+        help="local: run RECIPE on a SuperLink + SuperNodes as processes on 127.0.0.1; "
+        "compose: write compose.yml (+ compose.tls.yml with --tls) for --clients SuperNodes "
+        "in containers (deploy/README.md)",
     )
-    p.add_argument("recipe", help="recipe TOML file, e.g. recipes/demo.toml")
+    p.add_argument("recipe", nargs="?", help="recipe TOML file, e.g. recipes/demo.toml (local)")
     p.add_argument("--clients", type=int, required=True, help="number of SuperNodes")
-    p.add_argument("--tls", action="store_true", help="TLS with a generated local CA")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="local: TLS with a generated local CA; compose: also write the TLS + SuperNode "
+        "authentication overlay",
+    )
+    p.add_argument(
+        "--network",
+        choices=["bridge", "host"],
+        default="bridge",
+        help="compose: bridge (compose's network, services by name; default) or host (every "
+        "container on the host's network, each server on its own port)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=9093,
+        help="compose --network host: the SuperLink's port; SuperNode i serves on PORT + i",
+    )
+    p.add_argument(
+        "--gpus", action="store_true", help="compose: clientapps and workers get the host's GPUs"
+    )
+    p.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="HOST:CONTAINER[:ro]",
+        help="compose: a folder every fedtune container mounts (your recipe, model, data), "
+        "e.g. --mount $PWD/work:/work:ro",
+    )
+    p.add_argument("--out", default="deploy", help="compose: folder to write into (default deploy)")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication (implies TLS)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before giving up")
     p.add_argument("--json", action="store_true", help="print the run's summary.json at the end")

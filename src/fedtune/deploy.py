@@ -126,6 +126,61 @@ def make_tls(folder: Path, num_nodes: int) -> dict[str, Path]:
     return files
 
 
+class Connection:
+    """The `flwr` CLI pointed at one SuperLink, with a FLWR_HOME of its own: submit a run,
+    read its status, register SuperNode keys. Local processes and containers alike."""
+
+    def __init__(self, work: Path, address: str, root_cert: Path | None, env: dict):
+        self.work = Path(work)
+        home = self.work / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = env | {"FLWR_HOME": str(home)}
+        conn = f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{address}"\n'
+        conn += f'root-certificates = "{root_cert}"\n' if root_cert else "insecure = true\n"
+        (home / "config.toml").write_text(conn)
+
+    def flwr(self, args: list[str], check: bool = False, timeout: float = 120):
+        proc = subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.work,
+        )
+        if check and proc.returncode != 0:
+            raise DeployError(f"flwr {' '.join(args[:2])} failed: {proc.stdout}{proc.stderr}")
+        return proc
+
+    def submit(self, cfg: C.Config) -> int:
+        """`flwr run` the fedtune app with the resolved config; returns the run id."""
+        app = write_app_folder(self.work / "app")
+        text = cfg.to_json()
+        if "'" in text:
+            raise DeployError(
+                "the resolved config contains a single quote, which cannot "
+                "travel inside Flower's --run-config; rename the path"
+            )
+        proc = self.flwr(
+            ["run", str(app), "local", "--format", "json", "--run-config", f"config-json='{text}'"],
+            check=True,
+        )
+        reply = json.loads(proc.stdout)
+        if not reply.get("success"):
+            raise DeployError(f"flwr run was refused: {reply}")
+        return int(reply["run-id"])
+
+    def status(self, run_id: int) -> dict:
+        proc = self.flwr(["ls", "local", "--run-id", str(run_id), "--format", "json"])
+        try:
+            return json.loads(proc.stdout)["runs"][0]
+        except (ValueError, KeyError, IndexError):
+            return {"status": "unknown", "status-details": proc.stdout + proc.stderr}
+
+    def register(self, public_key: Path) -> None:
+        self.flwr(["supernode", "register", str(public_key), "local"], check=True)
+
+
 class LocalDeployment:
     """SuperLink + N SuperNodes as real processes; use as a context manager."""
 
@@ -145,11 +200,10 @@ class LocalDeployment:
         self.port = free_port()
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.poll_s, self.status_every_s = 2.0, 30.0  # run folder / `flwr ls` (see wait)
-        self.home = self.work / "flwr-home"
         self.files: dict[str, Path] = {}
         self.env = os.environ | {
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # superexec by name
-            "FLWR_HOME": str(self.home),
+            "FLWR_HOME": str(self.work / "flwr-home"),  # the FABs of this deployment's runs
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -172,7 +226,6 @@ class LocalDeployment:
 
     def __enter__(self):
         self.work.mkdir(parents=True, exist_ok=True)
-        self.home.mkdir(exist_ok=True)
         try:
             self.start()
         except BaseException:
@@ -184,10 +237,6 @@ class LocalDeployment:
         self.stop()
 
     def start(self) -> None:
-        conn = (
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-            f'address = "127.0.0.1:{self.port}"\n'
-        )
         link = [
             str(BIN / "flower-superlink"),
             "--host",
@@ -206,13 +255,12 @@ class LocalDeployment:
                 "--ssl-keyfile",
                 str(self.files["key"]),
             ]
-            conn += f'root-certificates = "{self.files["ca"]}"\n'
         else:
             link += ["--insecure"]
-            conn += "insecure = true\n"
         if self.auth:
             link += ["--enable-supernode-auth"]
-        (self.home / "config.toml").write_text(conn)
+        ca = self.files.get("ca")
+        self.conn = Connection(self.work, f"127.0.0.1:{self.port}", ca, self.env)
         proc = self._start("superlink", link)
         self._wait_healthy(proc)
         for i in range(self.n):
@@ -261,7 +309,7 @@ class LocalDeployment:
         return self._start(name or f"supernode-{i}", args)
 
     def register(self, public_key: Path) -> None:
-        self.flwr(["supernode", "register", str(public_key), "local"], check=True)
+        self.conn.register(public_key)
 
     def _wait_healthy(self, proc, timeout=60) -> None:
         scheme = "https" if self.tls else "http"
@@ -313,44 +361,12 @@ class LocalDeployment:
         if self.sockets:
             shutil.rmtree(self.sockets, ignore_errors=True)
 
-    # -- runs ------------------------------------------------------------------------
-    def flwr(self, args: list[str], check: bool = False, timeout: float = 120):
-        proc = subprocess.run(
-            [str(BIN / "flwr"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=self.work,
-        )
-        if check and proc.returncode != 0:
-            raise DeployError(f"flwr {' '.join(args[:2])} failed: {proc.stdout}{proc.stderr}")
-        return proc
-
+    # -- runs: through the `flwr` CLI ----------------------------------------------------
     def submit(self, cfg: C.Config) -> int:
-        """`flwr run` the fedtune app with the resolved config; returns the run id."""
-        app = write_app_folder(self.work / "app")
-        text = cfg.to_json()
-        if "'" in text:
-            raise DeployError(
-                "the resolved config contains a single quote, which cannot "
-                "travel inside Flower's --run-config; rename the path"
-            )
-        proc = self.flwr(
-            ["run", str(app), "local", "--format", "json", "--run-config", f"config-json='{text}'"],
-            check=True,
-        )
-        reply = json.loads(proc.stdout)
-        if not reply.get("success"):
-            raise DeployError(f"flwr run was refused: {reply}")
-        return int(reply["run-id"])
+        return self.conn.submit(cfg)
 
     def status(self, run_id: int) -> dict:
-        proc = self.flwr(["ls", "local", "--run-id", str(run_id), "--format", "json"])
-        try:
-            return json.loads(proc.stdout)["runs"][0]
-        except (ValueError, KeyError, IndexError):
-            return {"status": "unknown", "status-details": proc.stdout + proc.stderr}
+        return self.conn.status(run_id)
 
     def serverapp_running(self) -> bool | None:
         """Whether a ServerApp process runs under the SuperLink (None: no /proc to tell)."""

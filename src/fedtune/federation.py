@@ -58,12 +58,11 @@ from fedtune.train import lr_for_round, sampling_seed
 class ServerLoop:
     """One run on `grid`: setup here, then `run()` = rounds until done or stopped early."""
 
-    def __init__(self, grid, cfg: C.Config):
+    def __init__(self, grid, cfg: C.Config, run: RunFolder):
         self.t_start = time.perf_counter()
-        self.grid, self.cfg = grid, cfg
+        self.grid, self.cfg, self.run = grid, cfg, run
         self.nodes = NodeDirectory(grid, cfg.federation.num_clients)
         self.nodes.ask()  # partition ids arrive while the model loads (deployment: spawns)
-        self.run = run = RunFolder(cfg)
         self.log = run.log
         torch.manual_seed(cfg.train.seed)
         self.log.info(f"run folder {run.dir} (config hash {cfg.hash()})")
@@ -410,4 +409,9 @@ class ServerLoop:
 
 def run_federation(grid, cfg: C.Config) -> dict:
     """Run (or resume) every round against `grid`; return the summary in summary.json."""
-    return ServerLoop(grid, cfg).run_all()
+    run = RunFolder(cfg)
+    try:
+        return ServerLoop(grid, cfg, run).run_all()
+    except Exception as err:
+        run.record_failure(err)
+        raise

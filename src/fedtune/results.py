@@ -14,6 +14,7 @@ import math
 import os
 import resource
 import shutil
+import traceback
 from pathlib import Path
 
 import tomli_w
@@ -186,6 +187,13 @@ class RunFolder:
 
     def write_summary(self, summary: dict) -> None:
         self.write_json("summary.json", summary)
+
+    def record_failure(self, err: BaseException) -> None:
+        """Why the run died, in run.log: in deployment the ServerApp's own output lives in
+        a container or behind `flwr log`, and a run.log ending mid-setup says nothing."""
+        self.log.error(f"the run failed: {type(err).__name__}: {err}")
+        with (self.dir / "run.log").open("a") as f:
+            f.write("".join(traceback.format_exception(err)))
 
 
 def _file_logger(path: Path) -> logging.Logger:
