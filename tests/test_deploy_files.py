@@ -46,7 +46,9 @@ COMBO_IDS = ["+".join({"compose.yml": "base"}.get(f) or f.split(".")[1] for f in
 GENERATED = Path(tempfile.mkdtemp(prefix="fedtune-compose-"))
 atexit.register(shutil.rmtree, GENERATED, ignore_errors=True)
 LAYOUTS = {
-    "host3": compose.Layout(3, "host", 39100, mounts=("/srv/run:/srv/run",), tls=True),
+    "host3": compose.Layout(
+        3, "host", 39100, mounts=("/srv/run:/srv/run",), tls=True, data_path="/data/own.jsonl"
+    ),
     "bridge1": compose.Layout(1, gpus=True),
 }
 for _key, _layout in LAYOUTS.items():
@@ -342,6 +344,8 @@ def test_supernodes_have_distinct_partitions_and_one_size(combo):
     assert n == clients_of(combo)
     assert sorted(c["partition-id"] for c in configs) == list(range(n)), configs
     assert {c["num-partitions"] for c in configs} == {n}, configs
+    own = "/data/own.jsonl" if "host3" in COMBO_IDS[COMBOS.index(combo)] else None
+    assert {c.get("data-path") for c in configs} == {own}, configs  # --data-path, or shards
 
 
 def test_commented_data_path_examples_are_valid_node_configs():

@@ -137,12 +137,23 @@ def cmd_compose(args) -> int:
         for m in args.mount
         if len(m.split(":")) not in (2, 3) or (m.count(":") == 2 and not m.endswith(":ro"))
     ]
+    if args.data_path and not args.data_path.startswith("/data"):
+        problems.append(
+            f"--data-path {args.data_path}: give a path inside the clients' /data mount "
+            "(CLIENTk_DATA on each host), e.g. --data-path /data/train.jsonl"
+        )
     if args.recipe:
         problems.append("deploy compose takes no recipe: `flwr run` submits it (deploy/README.md)")
     if problems:
         raise ConfigError(problems)
     layout = compose.Layout(
-        args.clients, args.network, args.port, args.gpus, tuple(args.mount), args.tls
+        args.clients,
+        args.network,
+        args.port,
+        args.gpus,
+        tuple(args.mount),
+        args.tls,
+        args.data_path,
     )
     for path in compose.write(layout, Path(args.out)):
         print(path)

@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="compose: a folder every fedtune container mounts (your recipe, model, data), "
         "e.g. --mount $PWD/work:/work:ro",
     )
+    p.add_argument(
+        "--data-path",
+        default="",
+        metavar="PATH",
+        help="compose: each client trains on its own data at PATH inside its /data mount "
+        "(CLIENTk_DATA=host folder), e.g. /data/train.jsonl; default: its shard of data.source",
+    )
     p.add_argument("--out", default="deploy", help="compose: folder to write into (default deploy)")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication (implies TLS)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before giving up")

@@ -33,6 +33,7 @@ class Layout:
     gpus: bool = False  # each clientapp and worker asks for the host's NVIDIA GPUs
     mounts: tuple[str, ...] = field(default_factory=tuple)  # HOST:CONTAINER[:ro], every app
     tls: bool = False  # also the TLS + SuperNode authentication overlay
+    data_path: str = ""  # each client trains on its own file/folder (inside /data), no shard
 
     @property
     def host(self) -> bool:
@@ -123,8 +124,9 @@ def _node_args(layout: Layout, i: int, tls_on: bool) -> list[str]:
     ]
 
 
-def node_config(layout: Layout, i: int, data_path: str = "") -> str:
+def node_config(layout: Layout, i: int, data_path: str | None = None) -> str:
     """SuperNode i's node config (TOML values: strings in double quotes)."""
+    data_path = layout.data_path if data_path is None else data_path
     extra = f' data-path="{data_path}"' if data_path else ""
     return f'partition-id={i - 1} num-partitions={layout.clients} worker-socket="{SOCKET}"{extra}'
 
@@ -217,6 +219,8 @@ def _args_text(layout: Layout) -> str:
     if layout.tls:
         args.append("--tls")
     args += [f"--mount {shlex.quote(m)}" for m in layout.mounts]
+    if layout.data_path:
+        args.append(f"--data-path {shlex.quote(layout.data_path)}")
     return " ".join(args)
 
 
@@ -316,12 +320,17 @@ def _node(layout: Layout, i: int, tls_on: bool, overlay: bool) -> list[str]:
             "    entrypoint: [flower-supernode]",
         ]
     lines += ["    command:", *_list(args[:-1], 6)]
-    lines += [
-        "      # which shard of data.source; num-partitions = the recipe's federation.num_clients"
-    ]
-    lines += _list(args[-1:], 6)
-    lines += [f"      # own data instead of a shard (a path inside clientapp-{i}'s /data mount):"]
-    lines.append(_data_example(layout, i, 6))
+    if layout.data_path:
+        lines += [f"      # data-path: client {i}'s own data, in CLIENT{i}_DATA (mounted at /data)"]
+        lines += _list(args[-1:], 6)
+    else:
+        lines += [
+            "      # which shard of data.source; num-partitions = the recipe's "
+            "federation.num_clients"
+        ]
+        lines += _list(args[-1:], 6)
+        lines += ["      # own data instead of a shard (`fedtune deploy compose --data-path`):"]
+        lines.append(_data_example(layout, i, 6))
     if overlay:
         lines += [
             "    volumes:",
