@@ -1,8 +1,10 @@
-"""Per-round time in deployment (with and without `fedtune worker`s) vs simulation vs a
-plain local loop, with a breakdown.
+"""Per-round time in deployment (with and without `fedtune worker`s, and in Docker
+containers) vs simulation vs a plain local loop, with a breakdown.
 
     python bench/deploy_overhead.py                 # demo recipe, 2 rounds
     python bench/deploy_overhead.py --rounds 3 --set train.local_steps=4
+    python bench/deploy_overhead.py --docker        # + containers (root, a Docker daemon;
+                                                    #   builds fedtune:local first)
 
 Flower 1.41's deployment runtime starts a fresh ClientApp process for every message, so
 without workers each client pays process start + imports, model load and data preparation
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +32,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument(
         "--workers-only", action="store_true", help="skip the deployment without workers"
+    )
+    parser.add_argument(
+        "--docker", action="store_true", help="also in containers (deploy/README.md layout)"
     )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,21 +58,26 @@ def main() -> None:
             cfg = C.load(args.recipe, [*overrides, f"output.dir={out}"])
             deploy_local(cfg, workers=workers)  # progress is logged; nothing configures logging
             deps[name] = read_metrics(out)
+        if args.docker and (rows := in_containers(args.recipe, overrides, Path(tmp) / "docker")):
+            deps["containers"] = rows
     setup, loop_s, _ = plain_loop(C.load(args.recipe, overrides))
 
     n = cfg.federation.num_clients
     print(f"recipe {args.recipe}, {n} clients, {overrides}; {cpu_name()}")
     print(f"{os.cpu_count()} cores; seconds per round")
-    print("| round | deployment, workers | deployment, no workers | simulation | plain loop |")
-    print("|---|---|---|---|---|")
-    none = [{"round_seconds": float("nan")}] * len(sim_rows)
-    for w, d, s in zip(deps["workers"][1:], deps.get("no workers", none)[1:], sim_rows[1:]):
+    print(
+        "| round | deployment, workers | deployment, no workers | containers, workers "
+        "| simulation | plain loop |"
+    )
+    print("|---|---|---|---|---|---|")
+    none = [None] * len(sim_rows)  # a column not run (--workers-only, no --docker)
+    columns = [deps.get(k, none)[1:] for k in ("workers", "no workers", "containers")]
+    for *ds, s in zip(*columns, sim_rows[1:], strict=True):
         sim = s["round_seconds"]
-        print(
-            f"| {w['round']} | {w['round_seconds']:.1f} ({w['round_seconds'] / sim:.2f}x)"
-            f" | {d['round_seconds']:.1f} ({d['round_seconds'] / sim:.2f}x)"
-            f" | {sim:.1f} | {loop_s / args.rounds:.1f} |"
-        )
+        cells = [
+            f"{d['round_seconds']:.1f} ({d['round_seconds'] / sim:.2f}x)" if d else "-" for d in ds
+        ]
+        print(f"| {s['round']} | {' | '.join(cells)} | {sim:.1f} | {loop_s / args.rounds:.1f} |")
     print(f"plain loop setup (model load + data, once): {setup:.1f} s")
     print("breakdown per round (slowest client for each part; a round's clients run at once):")
     for s in sim_rows[1:]:
@@ -96,6 +107,35 @@ def main() -> None:
                 f" | {(d['bytes_down'] + d['bytes_up']) / 2**20:.1f} MiB moved"
                 f" | warm workers {d['client_workers']}, fallbacks {d['client_worker_fallbacks']}"
             )
+
+
+def in_containers(recipe: str, overrides: list[str], work: Path) -> list[dict]:
+    """The recipe on `fedtune deploy compose` containers of this machine (host network, TLS,
+    a worker beside each SuperNode), as tests/test_docker.py runs them; its metrics rows."""
+    from fedtune import config as C
+    from fedtune.containers import ComposeDeployment, docker_problem
+    from fedtune.deploy import fit_threads, free_port
+    from fedtune.results import read_metrics
+
+    problem = docker_problem()
+    if problem:
+        print(f"containers: skipped ({problem})")
+        return []
+    image = "fedtune:local"
+    subprocess.run(["bash", str(ROOT / "deploy/build-local-image.sh"), image], check=True)
+    work.mkdir(parents=True)
+    for folder in (work.parent, work):  # the containers' uid 49999 writes the run folder
+        folder.chmod(0o777)
+    out = work / "run"
+    cfg = fit_threads(C.load(recipe, [*overrides, f"output.dir={out}"]))
+    n = cfg.federation.num_clients
+    certs = ["bash", str(ROOT / "deploy/certs.sh"), "-o", str(work / "certs"), "-n", str(n)]
+    subprocess.run(certs, check=True, capture_output=True)
+    with ComposeDeployment(work, work / "certs", n, image, free_port()) as dep:
+        info = dep.wait(dep.conn.submit(cfg), out, 3600)
+    if info.get("status") != "finished:completed":
+        raise SystemExit(f"containers: the run ended {info}")
+    return read_metrics(out)
 
 
 def cpu_name() -> str:

@@ -65,6 +65,8 @@ LAYERS = [
     "inprocess",
     "compare",
     "deploy",
+    "compose",
+    "containers",
     "cli_args",
     "cli",
 ]

@@ -414,6 +414,22 @@ def cmdline(pid: int) -> bytes:
         return b""
 
 
+def fit_threads(cfg: C.Config) -> C.Config:
+    """All SuperNodes on this one machine train at once: oversubscribed torch threads slow
+    training down many times over, so each gets cores // clients. (Training them one at a
+    time on every core, as simulation's one actor does, measured slower: Flower's own
+    processes and each round's ClientApp starts share those cores and stall a step.)"""
+    cores, fed = os.cpu_count() or 1, cfg.federation
+    if fed.num_clients * max(fed.client_threads, 1) <= cores:
+        return cfg
+    threads = max(1, cores // fed.num_clients)
+    log.info(
+        f"{fed.num_clients} local SuperNodes x {fed.client_threads} threads > "
+        f"{cores} cores: using federation.client_threads={threads}"
+    )
+    return dataclasses.replace(cfg, federation=dataclasses.replace(fed, client_threads=threads))
+
+
 def deploy_local(
     cfg: C.Config,
     tls: bool = False,
@@ -423,18 +439,7 @@ def deploy_local(
 ) -> dict:
     """Run `cfg` on a local SuperLink + `federation.num_clients` SuperNodes; return summary."""
     prepare(cfg)  # convert offline weights once, check data, before any process starts
-    cores, fed = os.cpu_count() or 1, cfg.federation
-    if fed.num_clients * max(fed.client_threads, 1) > cores:
-        # every SuperNode trains at once on this one machine; oversubscribed torch threads
-        # slow training down many times over. (Training them one at a time on every core,
-        # as simulation's one actor does, measured slower here: Flower's own processes and
-        # each round's ClientApp starts share those cores and stall a multi-thread step.)
-        threads = max(1, cores // fed.num_clients)
-        log.info(
-            f"{fed.num_clients} local SuperNodes x {fed.client_threads} threads > "
-            f"{cores} cores: using federation.client_threads={threads}"
-        )
-        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(fed, client_threads=threads))
+    cfg = fit_threads(cfg)
     run_dir = Path(cfg.output.dir)
     if not cfg.output.resume:
         clear_old_run(run_dir, cfg.output.overwrite)  # before deployment/ is written into it
