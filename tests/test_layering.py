@@ -49,6 +49,7 @@ LAYERS = [
     "report.run",
     "report.study",
     "report",
+    "lora_agg",
     "aggregation",
     "guard",
     "privacy",

@@ -1,0 +1,204 @@
+"""LoRA aggregation against brute force: the mean of what clients learned is
+sum_i w_i s B_i A_i / sum_i w_i, computed here client by client in float64 numpy."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from fedtune import lora_agg as L
+
+WEIGHTS = [1.0, 3.0, 0.5]  # unequal: examples per client
+
+
+def tiny_gpt2(r=2, alpha=4):
+    """GPT-2's c_attn is a Conv1D: its weight is (in, out), PEFT's fan_in_fan_out."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
+    cfg.bos_token_id = cfg.eos_token_id = 0
+    lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=["c_attn"], fan_in_fan_out=True)
+    return get_peft_model(GPT2LMHeadModel(cfg), lora)
+
+
+def tiny_llama(r=2, alpha=4):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+    )
+    lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"])
+    return get_peft_model(LlamaForCausalLM(cfg), lora)
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def client_states(model, n=3, share=None, seed=1) -> list[dict[str, torch.Tensor]]:
+    """Random factors per client; `share` ("A" or "B") keeps that factor identical."""
+    gen = torch.Generator().manual_seed(seed)
+    base = trainable(model)
+    states = []
+    for _ in range(n):
+        state = {}
+        for k, v in base.items():
+            frozen = share and f".lora_{share}." in k
+            state[k] = v.clone() if frozen else torch.randn(v.shape, generator=gen)
+        states.append(state)
+    if share:  # the shared factor must not be zero (PEFT inits B to 0)
+        tag = f".lora_{share}."
+        shared = {k: torch.randn(v.shape, generator=gen) for k, v in base.items() if tag in k}
+        for s in states:
+            s.update(shared)
+    return states
+
+
+def brute_mean_update(states, pair, scaling) -> np.ndarray:
+    total = sum(WEIGHTS)
+    return (
+        sum(
+            w * scaling * (s[pair.b].double().numpy() @ s[pair.a].double().numpy())
+            for w, s in zip(WEIGHTS, states, strict=True)
+        )
+        / total
+    )
+
+
+def elementwise_mean(states) -> dict[str, torch.Tensor]:
+    total = sum(WEIGHTS)
+    return {
+        k: sum(w * s[k] for w, s in zip(WEIGHTS, states, strict=True)) / total for k in states[0]
+    }
+
+
+def scaling_of(model) -> float:
+    (s,) = {m.scaling["default"] for m in model.modules() if hasattr(m, "lora_A")}
+    return s
+
+
+@pytest.mark.parametrize("share", ["A", "B"])  # ffa (A frozen), rolora (either, by round)
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_a_frozen_shared_factor_makes_the_elementwise_mean_exact(make, share):
+    model = make()
+    states = client_states(model, share=share)
+    mean, s = elementwise_mean(states), scaling_of(model)
+    for pair in L.pairs(mean):
+        got = L.delta(mean, pair, s).numpy()
+        np.testing.assert_allclose(got, brute_mean_update(states, pair, s), rtol=1e-5, atol=1e-6)
+
+
+def test_naive_is_not_exact_and_its_error_is_measured():
+    model = tiny_llama()
+    states = client_states(model)
+    s = scaling_of(model)
+    products = L.ProductMean()
+    for w, st in zip(WEIGHTS, states, strict=True):
+        products.add(st, w, s)
+    exact = products.mean()
+    mean = elementwise_mean(states)
+    num = den = 0.0
+    for pair in L.pairs(mean):
+        ref = brute_mean_update(states, pair, s)
+        np.testing.assert_allclose(exact[pair.module].numpy(), ref, rtol=1e-5, atol=1e-6)
+        naive = s * (mean[pair.b].double().numpy() @ mean[pair.a].double().numpy())
+        num += ((ref - naive) ** 2).sum()
+        den += (ref**2).sum()
+    assert L.naive_error(exact, mean, s) == pytest.approx((num / den) ** 0.5, rel=1e-6)
+    assert L.naive_error(exact, mean, s) > 0.1  # independent random clients drift apart
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_fedex_residual_folded_into_the_base_makes_the_merged_model_exact(make):
+    """The server loads mean(A), mean(B) and adds the residual to the frozen weights: PEFT's
+    own merge of that model must equal W0 + mean_i(s B_i A_i) (transposed for Conv1D)."""
+    model = make()
+    states = client_states(model)
+    s = scaling_of(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    products = L.ProductMean()
+    for w, st in zip(WEIGHTS, states, strict=True):
+        products.add(st, w, s)
+    mean = elementwise_mean(states)
+    fixes = L.residual(products.mean(), mean, s)
+    server = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in server.named_parameters():
+            if name in mean:
+                p.copy_(mean[name])
+    modules = dict(server.named_modules())
+    for module, fix in fixes.items():
+        layer = modules[module]
+        L.fold(layer.base_layer.weight, fix, layer.fan_in_fan_out)
+    merged = dict(server.merge_and_unload().named_parameters())
+    checked = 0
+    for pair in L.pairs(mean):
+        key = pair.module.removeprefix("base_model.model.") + ".weight"
+        w0 = before[pair.module + ".base_layer.weight"].double().numpy()
+        update = brute_mean_update(states, pair, s)
+        want = w0 + (update.T if make is tiny_gpt2 else update)
+        np.testing.assert_allclose(merged[key].double().numpy(), want, rtol=1e-5, atol=1e-5)
+        checked += 1
+    assert checked == len(fixes) == 2 * (1 if make is tiny_gpt2 else 2)
+
+
+def test_svd_at_full_rank_equals_the_mean_update_and_truncation_is_the_best_rank_r():
+    model = tiny_llama(r=2, alpha=4)
+    states = client_states(model)
+    s = scaling_of(model)
+    products = L.ProductMean()
+    for w, st in zip(WEIGHTS, states, strict=True):
+        products.add(st, w, s)
+    pair = L.pairs(states[0])[0]
+    update = brute_mean_update(states, pair, s)  # rank <= 3 clients x r 2 = 6
+    full = L.refactor(products.mean()[pair.module], rank=6, scaling=s)
+    np.testing.assert_allclose(s * (full.b @ full.a).double().numpy(), update, atol=1e-5)
+    assert full.dropped == pytest.approx(0.0, abs=1e-9)
+    u, sv, vh = np.linalg.svd(update)  # the Eckart-Young reference, numpy's own SVD
+    best2 = (u[:, :2] * sv[:2]) @ vh[:2]
+    cut = L.refactor(products.mean()[pair.module], rank=2, scaling=s)
+    np.testing.assert_allclose(s * (cut.b @ cut.a).double().numpy(), best2, atol=1e-5)
+    assert cut.dropped == pytest.approx((sv[2:] ** 2).sum() / (sv**2).sum(), rel=1e-6)
+    assert 0 < cut.dropped < 1
+
+
+def test_the_scaling_is_applied_once_and_heterogeneous_ranks_round_trip():
+    """Clients of ranks 2, 2, 4 (alpha 8: scalings 4, 4, 2): the mean of their updates has
+    rank <= 8; refactored for a rank-8 client (scaling 1) it comes back exactly, for a
+    rank-2 client (scaling 4) as the best rank-2 approximation: s_k B A, not s_k^2 B A."""
+    models = [tiny_llama(r=r, alpha=8) for r in (2, 2, 4)]
+    states = [client_states(m, n=1, seed=i + 1)[0] for i, m in enumerate(models)]
+    products = L.ProductMean()
+    for w, st, m in zip(WEIGHTS, states, models, strict=True):
+        products.add(st, w, scaling_of(m))
+    pair = L.pairs(states[0])[0]
+    total = sum(WEIGHTS)
+    want = (
+        sum(
+            w * scaling_of(m) * (st[pair.b].double().numpy() @ st[pair.a].double().numpy())
+            for w, st, m in zip(WEIGHTS, states, models, strict=True)
+        )
+        / total
+    )
+    update = products.mean()[pair.module]
+    np.testing.assert_allclose(update.numpy(), want, rtol=1e-5, atol=1e-6)
+    wide = L.refactor(update, rank=8, scaling=8 / 8)
+    assert wide.b.shape == (want.shape[0], 8) and wide.a.shape == (8, want.shape[1])
+    np.testing.assert_allclose((wide.b @ wide.a).double().numpy(), want, atol=1e-5)
+    narrow = L.refactor(update, rank=2, scaling=8 / 2)
+    u, sv, vh = np.linalg.svd(want)
+    np.testing.assert_allclose(
+        4 * (narrow.b @ narrow.a).double().numpy(), (u[:, :2] * sv[:2]) @ vh[:2], atol=1e-5
+    )
+
+
+def test_a_factor_without_its_partner_is_refused():
+    with pytest.raises(ValueError, match="without their partner"):
+        L.pairs(["m.lora_A.default.weight", "m.lora_B.default.weight", "n.lora_A.default.weight"])
+    assert L.pairs(["head.weight"]) == []
