@@ -202,3 +202,39 @@ def test_a_factor_without_its_partner_is_refused():
     with pytest.raises(ValueError, match="without their partner"):
         L.pairs(["m.lora_A.default.weight", "m.lora_B.default.weight", "n.lora_A.default.weight"])
     assert L.pairs(["head.weight"]) == []
+
+
+# ---- the modes in a federation (in-process clients) ------------------------------------
+
+
+def test_ffa_sends_only_b_keeps_a_at_its_seeded_init_and_its_mean_is_exact(
+    tmp_path, tiny_model_dir, code_jsonl
+):
+    from fedtune import model as M
+    from fedtune.federation import run_federation
+    from fedtune.results import read_metrics
+    from grids import RecordingGrid
+    from test_federation import make_cfg
+
+    rows = {}
+    for mode in ("naive", "ffa"):
+        cfg = make_cfg(tiny_model_dir, code_jsonl, tmp_path / mode, f"lora.aggregation={mode}")
+        grid = RecordingGrid(cfg)
+        run_federation(grid, cfg)
+        rows[mode] = read_metrics(tmp_path / mode)
+    fresh = M.load_model(cfg)  # the seeded init every side builds
+    init = {n: p.detach() for n, p in fresh.named_parameters() if ".lora_A." in n}
+    s = scaling_of(fresh)
+    assert init and all(".lora_B." in k for k in grid.sent[1])
+    assert len(grid.sent[1]) == len(init)
+    for rnd in (1, 2):
+        replies = grid.replies[rnd]
+        assert len(replies) == 2 and all(r[2].keys() == grid.sent[1].keys() for r in replies)
+    # round 2's message is round 1's global model: s B_global A0 = brute-force mean of s B_i A0
+    global_b, total = grid.sent[2], sum(n for _, n, _ in grid.replies[1])
+    for key_a, a0 in init.items():
+        key_b = key_a.replace(".lora_A.", ".lora_B.")
+        want = sum(n * s * (arr[key_b] @ a0.numpy()) for _, n, arr in grid.replies[1]) / total
+        np.testing.assert_allclose(s * (global_b[key_b] @ a0.numpy()), want, rtol=1e-5, atol=1e-7)
+    up = {m: rows[m][1]["bytes_up"] for m in rows}
+    assert up["ffa"] < 0.6 * up["naive"], up  # A (r x in) no longer travels

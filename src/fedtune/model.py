@@ -265,7 +265,12 @@ def add_lora(model, cfg: Config, seed: int):
         target_modules=target,
         task_type=task_type,
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if cfg.lora.aggregation == "ffa":  # A stays its seeded init, the same on every side
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+    return model
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

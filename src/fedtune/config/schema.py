@@ -32,6 +32,7 @@ Quantization = Literal["", "4bit", "8bit"]
 Task = Literal["causal-lm", "instruction", "prompt-classification", "sequence-classification"]
 Template = Literal["alpaca", "chat"]
 Partitioner = Literal["iid", "fixed-size", "dirichlet", "shards", "natural"]
+LoraAggregation = Literal["naive", "ffa"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["constant", "cosine", "linear"]
 Precision = Literal["fp32", "bf16", "auto"]
@@ -79,6 +80,12 @@ class LoraConfig:
     alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r)", "> 0")
     dropout: float = _f(0.05, "dropout on the LoRA input", "[0, 1)")
     target_modules: list[str] = _f(["q_proj", "v_proj"], 'module names to adapt, or ["all-linear"]')
+    aggregation: LoraAggregation = _f(
+        "naive",
+        "naive: FedAvg of A and B (gives mean(B) mean(A), not the mean update mean(B_i A_i)); "
+        "ffa: FFA-LoRA, A frozen at its seeded init on every side, only B trains and travels "
+        "(the mean is exact, half the bytes)",
+    )
 
 
 @dataclass(frozen=True)
