@@ -238,3 +238,72 @@ def test_ffa_sends_only_b_keeps_a_at_its_seeded_init_and_its_mean_is_exact(
         np.testing.assert_allclose(s * (global_b[key_b] @ a0.numpy()), want, rtol=1e-5, atol=1e-7)
     up = {m: rows[m][1]["bytes_up"] for m in rows}
     assert up["ffa"] < 0.6 * up["naive"], up  # A (r x in) no longer travels
+
+
+def test_rolora_alternates_the_factor_that_travels_and_each_mean_is_exact(
+    tmp_path, tiny_model_dir, code_jsonl
+):
+    """Round 1 trains B (A frozen: PEFT's B starts at 0), round 2 A, round 3 B; only the
+    trained factor comes back, the other stays the server's, and s B A of the global model
+    equals the brute-force weighted mean of the clients' s B_i A_i."""
+    from fedtune.federation import run_federation
+    from fedtune.results import read_metrics
+    from grids import RecordingGrid
+    from test_federation import make_cfg
+
+    cfg = make_cfg(
+        tiny_model_dir, code_jsonl, tmp_path, "lora.aggregation=rolora", "federation.rounds=3"
+    )
+    grid = RecordingGrid(cfg)
+    run_federation(grid, cfg)
+    rows = read_metrics(tmp_path)
+    s = cfg.lora.alpha / cfg.lora.r
+    for rnd, trained in ((1, "B"), (2, "A")):
+        before, after = grid.sent[rnd], grid.sent[rnd + 1]
+        replies = grid.replies[rnd]
+        assert len(replies) == 2
+        for _, _, arrays in replies:
+            assert arrays and all(f".lora_{trained}." in k for k in arrays), sorted(arrays)[:2]
+        total = sum(n for _, n, _ in replies)
+        for key_a in [k for k in before if ".lora_A." in k]:
+            key_b = key_a.replace(".lora_A.", ".lora_B.")
+            frozen = key_a if trained == "B" else key_b
+            np.testing.assert_array_equal(after[frozen], before[frozen])
+            want = (
+                sum(
+                    n * s * (arr.get(key_b, before[key_b]) @ arr.get(key_a, before[key_a]))
+                    for _, n, arr in replies
+                )
+                / total
+            )
+            got = s * (after[key_b] @ after[key_a])
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+            assert np.abs(got).max() > 0  # B left zero would make this vacuous
+        assert rows[rnd]["bytes_up"] < 0.6 * rows[rnd]["bytes_down"]
+
+
+def test_rolora_refuses_a_reply_that_changes_the_frozen_factor(
+    tmp_path, tiny_model_dir, code_jsonl
+):
+    from fedtune.federation import run_federation
+    from fedtune.results import read_metrics
+    from grids import TamperingGrid
+    from test_federation import make_cfg
+
+    def also_send_a(arrays, metrics, sent):
+        arrays |= {k: v + 1.0 for k, v in sent.items() if ".lora_A." in k}
+        return arrays, metrics
+
+    cfg = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path,
+        "lora.aggregation=rolora",
+        "federation.rounds=1",
+        "federation.min_clients=1",
+    )
+    run_federation(TamperingGrid(cfg, 0, also_send_a), cfg)
+    (row,) = read_metrics(tmp_path)[1:]
+    assert row["clients_ok"] == 1
+    assert [f["partition"] for f in row["failures"]] == [0]
+    assert "unexpected" in row["failures"][0]["error"], row["failures"]

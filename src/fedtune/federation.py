@@ -25,6 +25,7 @@ from fedtune import (
     compress,
     config as C,
     guard,
+    lora_agg,
     model as M,
     partition,
     privacy,
@@ -142,6 +143,9 @@ class ServerLoop:
         evaluate."""
         t_round = time.perf_counter()
         lr = lr_for_round(rnd, self.cfg.federation.rounds, self.cfg.train)
+        state = M.trainable_state(self.model)
+        frozen = lora_agg.frozen_this_round(state, self.cfg.lora.aggregation, rnd)
+        keep = {k: state[k].clone() for k in frozen}  # bit for bit, not a mean of copies
         messages, folded, received, head = self.send_and_receive(rnd, lr)
         clipping_norm = getattr(self.strategy, "clipping_norm", None)  # before it adapts
         new_arrays = aggregation.aggregate(
@@ -151,7 +155,7 @@ class ServerLoop:
             head |= self.ledger.release(len(received), clipping_norm)
         t_train = time.perf_counter() - t_round
         if new_arrays is not None:
-            M.load_trainable_state(self.model, M.from_arrays(new_arrays))
+            M.load_trainable_state(self.model, M.from_arrays(new_arrays) | keep)
             # The next round sends the model's own tensors: FedAdam/FedYogi return float64
             # (a numpy scalar in their step), which would double every later message and
             # make a resumed run (restarted from the model) differ from an uninterrupted one.
@@ -181,8 +185,9 @@ class ServerLoop:
                 self.grid, messages, 0.05, fed.round_timeout_s
             )
             self.log.info(f"round {rnd}/{fed.rounds}: {len(messages)} clients training")
+            frozen = lora_agg.frozen_this_round(sent, self.cfg.lora.aggregation, rnd)
             for reply in arrivals:
-                verdict, arrays = self.screen(reply, sent)
+                verdict, arrays = self.screen(reply, sent, frozen)
                 node = reply.metadata.src_node_id
                 if reply.has_error():
                     errors.append(reply)
@@ -221,8 +226,15 @@ class ServerLoop:
             )
         self.fail(rnd, head["failures"], len(received), len(messages))
 
-    def screen(self, reply, sent: dict) -> tuple[guard.Verdict, object]:
-        """(the verdict on a reply, its arrays as the client trained them)."""
+    def screen(self, reply, sent: dict, frozen: set[str]) -> tuple[guard.Verdict, object]:
+        """(the verdict on a reply, its arrays as the client trained them). `frozen` keys
+        (RoLoRA's factor of the other round) must not come back: the copy sent fills in."""
+        verdict, arrays = self._screen(reply, {k: v for k, v in sent.items() if k not in frozen})
+        if frozen and arrays is not None and not verdict.reason:
+            arrays = dict(aggregation.tensors(arrays)) | {k: sent[k].clone() for k in frozen}
+        return verdict, arrays
+
+    def _screen(self, reply, sent: dict) -> tuple[guard.Verdict, object]:
         if reply.has_error():
             return guard.Verdict(None), None
         reason = guard.malformed(reply.content)

@@ -122,3 +122,13 @@ def refactor(update: torch.Tensor, rank: int, scaling: float) -> Factors:
     energy = float(s.square().sum())
     dropped = float(s[k:].square().sum()) / energy if energy else 0.0
     return Factors(b.float(), a.float(), dropped)
+
+
+def frozen_this_round(keys, mode: str, rnd: int) -> set[str]:
+    """Keys that stay as the server sent them in round `rnd` (RoLoRA: A in odd rounds, B in
+    even ones; PEFT starts B at zero, so B must train first or A gets no gradient). They
+    do not travel back: the server fills them in from what it sent."""
+    if mode != "rolora":
+        return set()
+    part = A_PART if rnd % 2 else B_PART
+    return {k for k in keys if part in k}

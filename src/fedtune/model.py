@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -276,6 +276,19 @@ def add_lora(model, cfg: Config, seed: int):
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """The tensors that train and travel, keyed by parameter name."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextmanager
+def frozen(model, keys: set[str]):
+    """Parameters named in `keys` do not train (nor count as trainable) inside the block."""
+    params = [p for n, p in model.named_parameters() if n in keys and p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:

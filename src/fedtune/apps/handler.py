@@ -16,7 +16,7 @@ import time
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from fedtune import comm, compress, kd, model as M, privacy, tasks
+from fedtune import comm, compress, kd, lora_agg, model as M, privacy, tasks
 from fedtune.apps import config_from_run_config, partition_id, process_age_seconds
 from fedtune.apps.cache import CACHE, model_key
 from fedtune.console import quiet_flower, to_terminal
@@ -54,20 +54,22 @@ def train(msg: Message, context: Context) -> Message:
     M.load_trainable_state(model, received)
     conf = msg.content["config"]
     rnd, mu = int(conf["server-round"]), float(conf.get("proximal-mu", 0.0))
-    result = train_local(
-        model,
-        examples,
-        cfg.train,
-        lr=float(conf["lr"]),
-        proximal_mu=mu,
-        seed=client_seed(cfg.train.seed, rnd, pid),
-        pad_id=tokenizer.pad_token_id,
-        loss_fn=loss_fn,
-        log_every=max(1, cfg.train.local_steps // 4) if cfg.train.local_steps else 10,
-        log_prefix=f"[client {pid}] round {rnd} ",
-    )
+    with M.frozen(model, lora_agg.frozen_this_round(received, cfg.lora.aggregation, rnd)):
+        result = train_local(
+            model,
+            examples,
+            cfg.train,
+            lr=float(conf["lr"]),
+            proximal_mu=mu,
+            seed=client_seed(cfg.train.seed, rnd, pid),
+            pad_id=tokenizer.pad_token_id,
+            loss_fn=loss_fn,
+            log_every=max(1, cfg.train.local_steps // 4) if cfg.train.local_steps else 10,
+            log_prefix=f"[client {pid}] round {rnd} ",
+        )
+        state = M.trainable_state(model)  # what trained this round, and only that, travels
     metrics = reply_metrics(result, len(examples), mu, process_age, pid, setup)
-    arrays = comm.client_reply(cfg, M.trainable_state(model), received, context)
+    arrays = comm.client_reply(cfg, state, {k: received[k] for k in state}, context)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

@@ -328,6 +328,23 @@ def _check_data(cfg: Config) -> list[str]:
         p.append('`data.samples_per_client` only applies to `data.partitioner = "fixed-size"`')
     if not cfg.lora.target_modules:
         p.append("`lora.target_modules` must be a non-empty list of module names")
+    return p + _check_lora_aggregation(cfg)
+
+
+def _check_lora_aggregation(cfg: Config) -> list[str]:
+    mode, p = cfg.lora.aggregation, []
+    if mode != "naive" and cfg.model.finetune != "lora":
+        p.append(f'`lora.aggregation = "{mode}"` needs `model.finetune = "lora"`')
+    if mode == "rolora" and cfg.comm.uplink in ("int8", "topk", "topk-int8"):
+        p.append(
+            f'`lora.aggregation = "rolora"` sends one factor a round, which a delta uplink '
+            f'(`comm.uplink = "{cfg.comm.uplink}"`) cannot follow yet: use fp32, fp16 or bf16'
+        )
+    if mode == "rolora" and cfg.privacy.dp.mode:
+        p.append(
+            '`lora.aggregation = "rolora"` with `privacy.dp` is not supported yet '
+            "(Flower's DP clips the whole reply): use naive or ffa"
+        )
     return p
 
 

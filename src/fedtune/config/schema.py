@@ -32,7 +32,7 @@ Quantization = Literal["", "4bit", "8bit"]
 Task = Literal["causal-lm", "instruction", "prompt-classification", "sequence-classification"]
 Template = Literal["alpaca", "chat"]
 Partitioner = Literal["iid", "fixed-size", "dirichlet", "shards", "natural"]
-LoraAggregation = Literal["naive", "ffa"]
+LoraAggregation = Literal["naive", "ffa", "rolora"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["constant", "cosine", "linear"]
 Precision = Literal["fp32", "bf16", "auto"]
@@ -84,7 +84,8 @@ class LoraConfig:
         "naive",
         "naive: FedAvg of A and B (gives mean(B) mean(A), not the mean update mean(B_i A_i)); "
         "ffa: FFA-LoRA, A frozen at its seeded init on every side, only B trains and travels "
-        "(the mean is exact, half the bytes)",
+        "(the mean is exact, half the bytes); rolora: RoLoRA, B trains in odd rounds and A in "
+        "even ones, the other frozen and identical everywhere (exact, half the uplink)",
     )
 
 
