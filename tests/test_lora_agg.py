@@ -98,20 +98,19 @@ def test_naive_is_not_exact_and_its_error_is_measured():
     model = tiny_llama()
     states = client_states(model)
     s = scaling_of(model)
-    products = L.ProductMean()
+    stack = L.FactorStack()
     for w, st in zip(WEIGHTS, states, strict=True):
-        products.add(st, w, s)
-    exact = products.mean()
+        stack.add(st, w, s)
     mean = elementwise_mean(states)
     num = den = 0.0
     for pair in L.pairs(mean):
         ref = brute_mean_update(states, pair, s)
-        np.testing.assert_allclose(exact[pair.module].numpy(), ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stack.update(pair.module).numpy(), ref, rtol=1e-5, atol=1e-6)
         naive = s * (mean[pair.b].double().numpy() @ mean[pair.a].double().numpy())
         num += ((ref - naive) ** 2).sum()
         den += (ref**2).sum()
-    assert L.naive_error(exact, mean, s) == pytest.approx((num / den) ** 0.5, rel=1e-6)
-    assert L.naive_error(exact, mean, s) > 0.1  # independent random clients drift apart
+    assert L.naive_error(stack, mean, s) == pytest.approx((num / den) ** 0.5, rel=1e-6)
+    assert L.naive_error(stack, mean, s) > 0.1  # independent random clients drift apart
 
 
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
@@ -122,11 +121,11 @@ def test_fedex_residual_folded_into_the_base_makes_the_merged_model_exact(make):
     states = client_states(model)
     s = scaling_of(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    products = L.ProductMean()
+    stack = L.FactorStack()
     for w, st in zip(WEIGHTS, states, strict=True):
-        products.add(st, w, s)
+        stack.add(st, w, s)
     mean = elementwise_mean(states)
-    fixes = L.residual(products.mean(), mean, s)
+    fixes = L.residual(stack, mean, s)
     server = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in server.named_parameters():
@@ -152,17 +151,17 @@ def test_svd_at_full_rank_equals_the_mean_update_and_truncation_is_the_best_rank
     model = tiny_llama(r=2, alpha=4)
     states = client_states(model)
     s = scaling_of(model)
-    products = L.ProductMean()
+    stack = L.FactorStack()
     for w, st in zip(WEIGHTS, states, strict=True):
-        products.add(st, w, s)
+        stack.add(st, w, s)
     pair = L.pairs(states[0])[0]
     update = brute_mean_update(states, pair, s)  # rank <= 3 clients x r 2 = 6
-    full = L.refactor(products.mean()[pair.module], rank=6, scaling=s)
+    full = L.refactor(*stack.factors(pair.module), rank=6, scaling=s)
     np.testing.assert_allclose(s * (full.b @ full.a).double().numpy(), update, atol=1e-5)
     assert full.dropped == pytest.approx(0.0, abs=1e-9)
     u, sv, vh = np.linalg.svd(update)  # the Eckart-Young reference, numpy's own SVD
     best2 = (u[:, :2] * sv[:2]) @ vh[:2]
-    cut = L.refactor(products.mean()[pair.module], rank=2, scaling=s)
+    cut = L.refactor(*stack.factors(pair.module), rank=2, scaling=s)
     np.testing.assert_allclose(s * (cut.b @ cut.a).double().numpy(), best2, atol=1e-5)
     assert cut.dropped == pytest.approx((sv[2:] ** 2).sum() / (sv**2).sum(), rel=1e-6)
     assert 0 < cut.dropped < 1
@@ -174,9 +173,9 @@ def test_the_scaling_is_applied_once_and_heterogeneous_ranks_round_trip():
     rank-2 client (scaling 4) as the best rank-2 approximation: s_k B A, not s_k^2 B A."""
     models = [tiny_llama(r=r, alpha=8) for r in (2, 2, 4)]
     states = [client_states(m, n=1, seed=i + 1)[0] for i, m in enumerate(models)]
-    products = L.ProductMean()
+    stack = L.FactorStack()
     for w, st, m in zip(WEIGHTS, states, models, strict=True):
-        products.add(st, w, scaling_of(m))
+        stack.add(st, w, scaling_of(m))
     pair = L.pairs(states[0])[0]
     total = sum(WEIGHTS)
     want = (
@@ -186,12 +185,11 @@ def test_the_scaling_is_applied_once_and_heterogeneous_ranks_round_trip():
         )
         / total
     )
-    update = products.mean()[pair.module]
-    np.testing.assert_allclose(update.numpy(), want, rtol=1e-5, atol=1e-6)
-    wide = L.refactor(update, rank=8, scaling=8 / 8)
+    np.testing.assert_allclose(stack.update(pair.module).numpy(), want, rtol=1e-5, atol=1e-6)
+    wide = L.refactor(*stack.factors(pair.module), rank=8, scaling=8 / 8)
     assert wide.b.shape == (want.shape[0], 8) and wide.a.shape == (8, want.shape[1])
     np.testing.assert_allclose((wide.b @ wide.a).double().numpy(), want, atol=1e-5)
-    narrow = L.refactor(update, rank=2, scaling=8 / 2)
+    narrow = L.refactor(*stack.factors(pair.module), rank=2, scaling=8 / 2)
     u, sv, vh = np.linalg.svd(want)
     np.testing.assert_allclose(
         4 * (narrow.b @ narrow.a).double().numpy(), (u[:, :2] * sv[:2]) @ vh[:2], atol=1e-5
@@ -307,3 +305,19 @@ def test_rolora_refuses_a_reply_that_changes_the_frozen_factor(
     assert row["clients_ok"] == 1
     assert [f["partition"] for f in row["failures"]] == [0]
     assert "unexpected" in row["failures"][0]["error"], row["failures"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "says"),
+    [
+        (["lora.aggregation=ffa", "model.finetune=full"], 'needs `model.finetune = "lora"`'),
+        (["lora.aggregation=rolora", "comm.uplink=int8"], "delta uplink"),
+        (["lora.aggregation=rolora", "privacy.dp.mode=client-fixed"], "not supported yet"),
+    ],
+)
+def test_modes_that_cannot_run_say_so_before_anything_starts(sets, says):
+    from fedtune import config as C
+
+    with pytest.raises(C.ConfigError) as err:
+        C.load(None, sets, check_paths=False)
+    assert any(says in line for line in err.value.problems), err.value.problems
