@@ -109,8 +109,8 @@ def test_naive_is_not_exact_and_its_error_is_measured():
         naive = s * (mean[pair.b].double().numpy() @ mean[pair.a].double().numpy())
         num += ((ref - naive) ** 2).sum()
         den += (ref**2).sum()
-    assert L.naive_error(stack, mean, s) == pytest.approx((num / den) ** 0.5, rel=1e-6)
-    assert L.naive_error(stack, mean, s) > 0.1  # independent random clients drift apart
+    assert L.naive_error(stack) == pytest.approx((num / den) ** 0.5, rel=1e-6)
+    assert L.naive_error(stack) > 0.1  # independent random clients drift apart
 
 
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
@@ -236,6 +236,9 @@ def test_ffa_sends_only_b_keeps_a_at_its_seeded_init_and_its_mean_is_exact(
         np.testing.assert_allclose(s * (global_b[key_b] @ a0.numpy()), want, rtol=1e-5, atol=1e-7)
     up = {m: rows[m][1]["bytes_up"] for m in rows}
     assert up["ffa"] < 0.6 * up["naive"], up  # A (r x in) no longer travels
+    # the server measures how far element-wise averaging is from the exact mean: 0 for ffa
+    assert all(r["lora_naive_error"] < 1e-6 for r in rows["ffa"][1:]), rows["ffa"]
+    assert all(r["lora_naive_error"] > 1e-4 for r in rows["naive"][2:]), rows["naive"]
 
 
 def test_rolora_alternates_the_factor_that_travels_and_each_mean_is_exact(
@@ -278,6 +281,7 @@ def test_rolora_alternates_the_factor_that_travels_and_each_mean_is_exact(
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
             assert np.abs(got).max() > 0  # B left zero would make this vacuous
         assert rows[rnd]["bytes_up"] < 0.6 * rows[rnd]["bytes_down"]
+        assert rows[rnd]["lora_naive_error"] < 1e-6  # one factor shared: the mean is exact
 
 
 def test_rolora_refuses_a_reply_that_changes_the_frozen_factor(

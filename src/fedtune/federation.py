@@ -144,9 +144,14 @@ class ServerLoop:
         t_round = time.perf_counter()
         lr = lr_for_round(rnd, self.cfg.federation.rounds, self.cfg.train)
         state = M.trainable_state(self.model)
-        frozen = lora_agg.frozen_this_round(state, self.cfg.lora.aggregation, rnd)
-        keep = {k: state[k].clone() for k in frozen}  # bit for bit, not a mean of copies
-        messages, folded, received, head = self.send_and_receive(rnd, lr)
+        lora = lora_agg.LoraRound(
+            self.cfg.lora.aggregation,
+            state,
+            rnd,
+            self.cfg.lora.alpha / self.cfg.lora.r,
+            {k: v for k, v in M.lora_factors(self.model).items() if k not in state},
+        )
+        messages, folded, received, head = self.send_and_receive(rnd, lr, lora)
         clipping_norm = getattr(self.strategy, "clipping_norm", None)  # before it adapts
         new_arrays = aggregation.aggregate(
             self.strategy, rnd, folded, messages[0], self.channel.correction
@@ -155,7 +160,7 @@ class ServerLoop:
             head |= self.ledger.release(len(received), clipping_norm)
         t_train = time.perf_counter() - t_round
         if new_arrays is not None:
-            M.load_trainable_state(self.model, M.from_arrays(new_arrays) | keep)
+            M.load_trainable_state(self.model, M.from_arrays(new_arrays) | lora.keep)
             # The next round sends the model's own tensors: FedAdam/FedYogi return float64
             # (a numpy scalar in their step), which would double every later message and
             # make a resumed run (restarted from the model) differ from an uninterrupted one.
@@ -163,14 +168,14 @@ class ServerLoop:
             if isinstance(getattr(self.strategy, "current_arrays", None), ArrayRecord):
                 self.strategy.current_arrays = self.arrays  # FedAvgM: one copy, not two
         del new_arrays, folded
-        row = head | round_row(rnd, lr, messages, received, t_train)
+        row = head | round_row(rnd, lr, messages, received, t_train) | lora.metrics()
         row |= self.evaluate(rnd)
         return row | {
             "round_seconds": time.perf_counter() - t_round,
             "server_peak_rss_mb": peak_rss_mb(),
         }
 
-    def send_and_receive(self, rnd: int, lr: float):
+    def send_and_receive(self, rnd: int, lr: float, lora: lora_agg.LoraRound):
         """(messages, the folded replies, what each reply said, the row's head) of a round:
         replies are screened and folded as they arrive, never held together (except for
         the robust strategies). A round with fewer than `federation.min_clients` accepted
@@ -185,9 +190,8 @@ class ServerLoop:
                 self.grid, messages, 0.05, fed.round_timeout_s
             )
             self.log.info(f"round {rnd}/{fed.rounds}: {len(messages)} clients training")
-            frozen = lora_agg.frozen_this_round(sent, self.cfg.lora.aggregation, rnd)
             for reply in arrivals:
-                verdict, arrays = self.screen(reply, sent, frozen)
+                verdict, arrays = self.screen(reply, lora.expected(sent))
                 node = reply.metadata.src_node_id
                 if reply.has_error():
                     errors.append(reply)
@@ -197,7 +201,9 @@ class ServerLoop:
                     metrics = dict(reply.content["metrics"])
                     received.append(metrics | {"bytes": payload_bytes(reply), "node": node})
                     received[-1] |= {"update_norm": verdict.norm, "clip_scale": verdict.scale}
-                    folded.add(arrays, float(metrics[aggregation.WEIGHT_KEY]), verdict.scale)
+                    weight = float(metrics[aggregation.WEIGHT_KEY])
+                    arrays = lora.complete(arrays, sent, weight, verdict.scale)
+                    folded.add(arrays, weight, verdict.scale)
                     self.log.info(f"round {rnd}: {len(received)}/{len(messages)} clients done")
                 del reply, arrays
             head = {
@@ -226,15 +232,8 @@ class ServerLoop:
             )
         self.fail(rnd, head["failures"], len(received), len(messages))
 
-    def screen(self, reply, sent: dict, frozen: set[str]) -> tuple[guard.Verdict, object]:
-        """(the verdict on a reply, its arrays as the client trained them). `frozen` keys
-        (RoLoRA's factor of the other round) must not come back: the copy sent fills in."""
-        verdict, arrays = self._screen(reply, {k: v for k, v in sent.items() if k not in frozen})
-        if frozen and arrays is not None and not verdict.reason:
-            arrays = dict(aggregation.tensors(arrays)) | {k: sent[k].clone() for k in frozen}
-        return verdict, arrays
-
-    def _screen(self, reply, sent: dict) -> tuple[guard.Verdict, object]:
+    def screen(self, reply, sent: dict) -> tuple[guard.Verdict, object]:
+        """(the verdict on a reply, its arrays as the client trained them)."""
         if reply.has_error():
             return guard.Verdict(None), None
         reason = guard.malformed(reply.content)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedtune.aggregation import tensors
+
 A_PART, B_PART = ".lora_A.", ".lora_B."
 
 
@@ -60,13 +62,17 @@ class FactorStack:
     def __init__(self):
         self.b: dict[str, list[torch.Tensor]] = {}
         self.a: dict[str, list[torch.Tensor]] = {}
-        self.weight = 0.0
+        self.weights: list[float] = []
 
     def add(self, state: dict[str, torch.Tensor], weight: float, scaling: float) -> None:
         for pair in pairs(state.keys()):
             self.b.setdefault(pair.module, []).append(state[pair.b].double() * (weight * scaling))
             self.a.setdefault(pair.module, []).append(state[pair.a].double().clone())
-        self.weight += weight
+        self.weights.append(weight)
+
+    @property
+    def weight(self) -> float:
+        return sum(self.weights)
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) of `module`'s mean update: (out, R) and (R, in), R = sum of ranks."""
@@ -83,13 +89,18 @@ def _frob2(b: torch.Tensor, a: torch.Tensor) -> float:
     return float(((b.T @ b) * (a @ a.T)).sum())
 
 
-def naive_error(stack: FactorStack, mean_state: dict[str, torch.Tensor], scaling: float) -> float:
-    """||mean(s B_i A_i) - s mean(B) mean(A)||_F / ||mean(s B_i A_i)||_F over all layers:
-    how far element-wise averaging lands from the mean of what clients learned."""
+def naive_error(stack: FactorStack) -> float | None:
+    """||mean(s B_i A_i) - mean(s B_i) mean(A_i)||_F / ||mean(s B_i A_i)||_F over all layers
+    (weighted means): how far element-wise averaging lands from the mean of what clients
+    learned. None where ranks differ (element-wise means are then undefined)."""
     num = den = 0.0
-    for pair in pairs(mean_state.keys()):
-        b, a = stack.factors(pair.module)
-        b_bar, a_bar = mean_state[pair.b].double() * scaling, mean_state[pair.a].double()
+    w = torch.tensor(stack.weights, dtype=torch.float64) / stack.weight
+    for module in stack.b:
+        b, a = stack.factors(module)
+        if len({t.shape for t in stack.a[module]}) > 1:
+            return None
+        b_bar = sum(stack.b[module]) / stack.weight  # already weighted by w_i s_i
+        a_bar = sum(wi * ai for wi, ai in zip(w, stack.a[module], strict=True))
         num += _frob2(torch.cat([b, -b_bar], dim=1), torch.cat([a, a_bar]))
         den += _frob2(b, a)
     return max(num, 0.0) ** 0.5 / den**0.5 if den else 0.0
@@ -147,3 +158,52 @@ def frozen_this_round(keys, mode: str, rnd: int) -> set[str]:
         return set()
     part = A_PART if rnd % 2 else B_PART
     return {k for k in keys if part in k}
+
+
+class LoraRound:
+    """What a round's `lora.aggregation` asks of the server: the keys frozen this round
+    (clients must not send them; the server's copy fills in, bit for bit), and the accepted
+    replies' factors, for how far element-wise averaging is from the exact mean."""
+
+    def __init__(
+        self,
+        mode: str,
+        state: dict[str, torch.Tensor],
+        rnd: int,
+        scaling: float,
+        fixed: dict[str, torch.Tensor] | None = None,
+    ):
+        """`state`: the trainable tensors the round sends; `fixed`: LoRA factors that never
+        train (FFA-LoRA's A), needed only to measure."""
+        self.frozen = frozen_this_round(state, mode, rnd)
+        self.keep = {k: state[k].clone() for k in self.frozen}
+        self.fixed = fixed or {}
+        self.stack = FactorStack() if pairs(state.keys() | self.fixed.keys()) else None
+        self.scaling = scaling
+
+    def expected(self, sent: dict) -> dict:
+        """What a reply must hold: the sent tensors that train this round."""
+        return {k: v for k, v in sent.items() if k not in self.frozen}
+
+    def complete(self, arrays, sent: dict, weight: float, scale: float):
+        """The reply with the frozen keys filled in; its factors (as clipped by `scale`
+        against `sent`) join the stack."""
+        if not self.frozen and self.stack is None:
+            return arrays
+        full = dict(tensors(arrays)) | {k: v.clone() for k, v in self.keep.items()}
+        if self.stack is not None:
+            clipped = (
+                full
+                if scale == 1.0
+                else {
+                    k: sent[k].double() + scale * (v.double() - sent[k].double())
+                    for k, v in full.items()
+                }
+            )
+            self.stack.add(clipped | self.fixed, weight, self.scaling)
+        return full if self.frozen else arrays
+
+    def metrics(self) -> dict:
+        if self.stack is None or not self.stack.weights:
+            return {}
+        return {"lora_naive_error": naive_error(self.stack)}

@@ -291,6 +291,11 @@ def frozen(model, keys: set[str]):
             p.requires_grad_(True)
 
 
+def lora_factors(model) -> dict[str, torch.Tensor]:
+    """Every LoRA factor, trainable or not (FFA-LoRA's frozen A), keyed by parameter name."""
+    return {n: p.detach() for n, p in model.named_parameters() if ".lora_" in n}
+
+
 def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
     """Copy received tensors into the trainable parameters, checking names and shapes."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
