@@ -49,15 +49,22 @@ def wait_for_refusal(dep):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "tls, workers", [(False, True), (True, False)], ids=["insecure-workers", "tls-no-workers"]
+    "tls, workers, mode",
+    [(False, True, "naive"), (True, False, "naive"), (False, True, "rolora")],
+    ids=["insecure-workers", "tls-no-workers", "rolora-workers"],
 )
 def test_deployment_gives_the_simulation_metrics(
-    tmp_path, tiny_model_dir, code_jsonl, tls, workers
+    tmp_path, tiny_model_dir, code_jsonl, tls, workers, mode
 ):
     """Same metrics as simulation, whether a warm `fedtune worker` beside each SuperNode
-    trains (the default) or every per-message ClientApp process loads model and data."""
+    trains (the default) or every per-message ClientApp process loads model and data; and
+    with RoLoRA, whose workers keep one model and freeze a different factor each round."""
     sim, dep = tmp_path / "sim", tmp_path / "dep"
-    same = ("output.plots=false", "federation.client_threads=1")  # no thread adjustment
+    same = (  # client_threads: no thread adjustment
+        "output.plots=false",
+        "federation.client_threads=1",
+        f"lora.aggregation={mode}",
+    )
     run_cli(tiny_overrides(tiny_model_dir, code_jsonl, sim, *same))
     args = (
         [
@@ -85,6 +92,7 @@ def test_deployment_gives_the_simulation_metrics(
         if ra["round"]:
             assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
             assert rb["bytes_up"] == ra["bytes_up"] and rb["clients_ok"] == 2
+            assert rb["lora_naive_error"] == pytest.approx(ra["lora_naive_error"], rel=1e-4)
     if workers:  # the workers loaded the model in round 1 and kept it
         assert [r["client_model_loads"] for r in b[1:]] == [2, 0]
         assert all((r["client_workers"], r["client_worker_fallbacks"]) == (2, 0) for r in b[1:])
