@@ -92,7 +92,9 @@ def test_deployment_gives_the_simulation_metrics(
         if ra["round"]:
             assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
             assert rb["bytes_up"] == ra["bytes_up"] and rb["clients_ok"] == 2
-            assert rb["lora_naive_error"] == pytest.approx(ra["lora_naive_error"], rel=1e-4)
+            assert rb["lora_naive_error"] == pytest.approx(
+                ra["lora_naive_error"], rel=1e-4, abs=1e-6
+            )
     if workers:  # the workers loaded the model in round 1 and kept it
         assert [r["client_model_loads"] for r in b[1:]] == [2, 0]
         assert all((r["client_workers"], r["client_worker_fallbacks"]) == (2, 0) for r in b[1:])
