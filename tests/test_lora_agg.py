@@ -325,3 +325,80 @@ def test_modes_that_cannot_run_say_so_before_anything_starts(sets, says):
     with pytest.raises(C.ConfigError) as err:
         C.load(None, sets, check_paths=False)
     assert any(says in line for line in err.value.problems), err.value.problems
+
+
+def test_fedex_server_and_client_hold_one_model(tmp_path):
+    """The server folds the residual into W0 (Conv1D too) and encodes the total; a fresh
+    client model that receives it merges to the same weights, and a cached client model
+    that later gets a message without it goes back to W0."""
+    from flwr.app import RecordDict
+
+    from fedtune import compress
+
+    server, client = tiny_gpt2(), tiny_gpt2()
+    states = client_states(server)
+    s = scaling_of(server)
+    stack = L.FactorStack()
+    for w, st in zip(WEIGHTS, states, strict=True):
+        stack.add(st, w, s)
+    mean = elementwise_mean(states)
+    for model in (server, client):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in mean:
+                    p.copy_(mean[name])
+    w0 = {n: p.detach().clone() for n, p in client.named_parameters() if "base_layer" in n}
+    fedex = L.FedEx(server, compress.Codec("fp32", 0.01, 64))
+    rel = fedex.add(stack, server, mean, s)
+    assert rel == pytest.approx(L.naive_error(stack), rel=1e-6)  # float32 mean vs float64
+    L.receive_fedex(client, RecordDict({"fedex": fedex.record}))
+    merged = [
+        dict(copy.deepcopy(m).merge_and_unload().named_parameters()) for m in (server, client)
+    ]
+    for pair in L.pairs(mean):
+        key = pair.module.removeprefix("base_model.model.") + ".weight"
+        want = w0[pair.module + ".base_layer.weight"].double().numpy()
+        want = want + brute_mean_update(states, pair, s).T  # Conv1D: (in, out)
+        for m in merged:
+            np.testing.assert_allclose(m[key].double().numpy(), want, rtol=1e-5, atol=1e-5)
+    L.receive_fedex(client, RecordDict({}))
+    for n, p in client.named_parameters():
+        if n in w0:
+            assert torch.equal(p, w0[n]), n
+
+
+def test_fedex_in_a_federation_is_the_exact_mean_and_counts_its_bytes(
+    tmp_path, tiny_model_dir, code_jsonl
+):
+    from fedtune import compress
+    from fedtune.federation import run_federation
+    from fedtune.results import read_metrics
+    from grids import RecordingGrid
+    from test_federation import make_cfg
+
+    class FedexGrid(RecordingGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if messages and "fedex" in messages[0].content.array_records:
+                rnd = int(messages[0].content["config"]["server-round"])
+                self.fedex[rnd] = compress.decode(messages[0].content["fedex"])
+            return super().push_messages(messages)
+
+    cfg = make_cfg(
+        tiny_model_dir, code_jsonl, tmp_path, "lora.aggregation=fedex", "federation.rounds=2"
+    )
+    grid = FedexGrid(cfg)
+    grid.fedex = {}
+    run_federation(grid, cfg)
+    rows = read_metrics(tmp_path)
+    s = cfg.lora.alpha / cfg.lora.r
+    assert 1 not in grid.fedex and 2 in grid.fedex  # round 1 has no correction yet
+    replies, glob, total = grid.replies[1], grid.sent[2], sum(n for _, n, _ in grid.replies[1])
+    for key_a in [k for k in glob if ".lora_A." in k]:
+        key_b, module = key_a.replace(".lora_A.", ".lora_B."), key_a.split(".lora_A.")[0]
+        want = sum(n * s * (arr[key_b] @ arr[key_a]) for _, n, arr in replies) / total
+        got = s * (glob[key_b] @ glob[key_a]) + grid.fedex[2][module].numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert rows[1]["lora_fedex_residual"] == pytest.approx(rows[1]["lora_naive_error"], rel=1e-6)
+    dense = sum(t.numel() * 4 for t in grid.fedex[2].values())
+    assert rows[2]["bytes_down"] - rows[1]["bytes_down"] >= 2 * dense  # 2 clients, counted

@@ -23,7 +23,10 @@ RESIDUAL_KEY = "fedtune.comm-residual"  # the client's unsent update, in context
 
 
 def codec(cfg: Config, direction: str) -> compress.Codec:
-    mode = cfg.comm.uplink if direction == "up" else cfg.comm.downlink
+    return codec_of(cfg.comm.uplink if direction == "up" else cfg.comm.downlink, cfg)
+
+
+def codec_of(mode: str, cfg: Config) -> compress.Codec:
     return compress.Codec(mode, cfg.comm.topk_fraction, cfg.comm.block)
 
 

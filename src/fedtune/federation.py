@@ -83,6 +83,11 @@ class ServerLoop:
             k: v.float().clone() for k, v in M.trainable_state(self.model).items()
         }
         self.channel = comm.ServerChannel(cfg, initial or None)
+        self.fedex = (
+            lora_agg.FedEx(self.model, comm.codec_of(cfg.lora.fedex_dtype, cfg))
+            if cfg.lora.aggregation == "fedex"
+            else None
+        )
         self.metric = C.headline_metric(cfg)
         self.stopper = EarlyStopping(cfg.train.early_stopping, self.metric)
         self.budget = CommBudget(cfg.comm.budget_mb, cfg.comm.budget_stop)
@@ -161,6 +166,10 @@ class ServerLoop:
         t_train = time.perf_counter() - t_round
         if new_arrays is not None:
             M.load_trainable_state(self.model, M.from_arrays(new_arrays) | lora.keep)
+            if self.fedex and lora.stack is not None:  # the exact mean: fold the residual in
+                head["lora_fedex_residual"] = self.fedex.add(
+                    lora.stack, self.model, M.trainable_state(self.model), lora.scaling
+                )
             # The next round sends the model's own tensors: FedAdam/FedYogi return float64
             # (a numpy scalar in their step), which would double every later message and
             # make a resumed run (restarted from the model) differ from an uninterrupted one.
@@ -272,6 +281,8 @@ class ServerLoop:
         record = compress.bundle(record)  # one record, shared: Flower sends it once per node
         for m in messages:
             m.content["arrays"] = record
+            if self.fedex and self.fedex.record is not None:  # the dense correction, counted
+                m.content[lora_agg.FedEx.RECORD] = self.fedex.record
         return messages
 
     def fail(self, rnd: int, failures: list[dict], n_ok: int, n_sampled: int) -> NoReturn:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedtune import compress
 from fedtune.aggregation import tensors
 
 A_PART, B_PART = ".lora_A.", ".lora_B."
@@ -207,3 +208,63 @@ class LoraRound:
         if self.stack is None or not self.stack.weights:
             return {}
         return {"lora_naive_error": naive_error(self.stack)}
+
+
+def adapted_layers(model) -> dict[str, torch.nn.Module]:
+    """PEFT's LoRA layers by module name (the names `pairs` gives): what FedEx corrects."""
+    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and n}
+
+
+class FedEx:
+    """FedEx-LoRA's correction on the server. Each round's residual joins a running total;
+    every adapted layer's frozen weight becomes W0 + total. The total travels to clients
+    every round (they may have missed rounds or be fresh processes), encoded by `codec`
+    (fp32, or fp16/bf16 to halve its dense bytes), and the server applies the same decoded
+    total, so both sides hold one model."""
+
+    RECORD = "fedex"  # the train message's extra ArrayRecord
+
+    def __init__(self, model, codec: compress.Codec):
+        self.codec, self.record = codec, None
+        self.total: dict[str, torch.Tensor] = {}
+        self.base0 = base_weights(model)
+
+    def add(self, stack: FactorStack, model, mean_state: dict, scaling: float) -> float:
+        """Fold this round's residual in; returns its norm relative to the mean update."""
+        fixes = residual(stack, mean_state, scaling)
+        num = sum(float(f.square().sum()) for f in fixes.values())
+        den = sum(float(stack.update(m).square().sum()) for m in fixes)
+        for module, fix in fixes.items():
+            self.total[module] = self.total.get(module, 0) + fix.float()
+        self.record, _ = compress.encode(self.total, self.codec)
+        apply(model, compress.decode(self.record), self.base0)
+        return (num / den) ** 0.5 if den else 0.0
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """A copy of every adapted layer's frozen weight as loaded (W0)."""
+    return {n: m.base_layer.weight.detach().clone() for n, m in adapted_layers(model).items()}
+
+
+def apply(model, total: dict[str, torch.Tensor], base0: dict[str, torch.Tensor]) -> None:
+    """Frozen weights := W0 + total ((out, in) corrections, transposed for Conv1D); layers
+    without a correction go back to W0."""
+    with torch.no_grad():
+        for name, layer in adapted_layers(model).items():
+            weight = layer.base_layer.weight
+            weight.copy_(base0[name])
+            if name in total:
+                fix = total[name].to(weight.dtype)
+                weight.add_(fix.T if layer.fan_in_fan_out else fix)
+
+
+def receive_fedex(model, content) -> None:
+    """Client side: frozen weights := W0 + the server's total when the message carries one;
+    back to W0 when it carries none but this (cached) model was corrected before."""
+    base0 = getattr(model, "fedtune_base0", None)
+    if FedEx.RECORD in content.array_records:
+        if base0 is None:
+            base0 = model.fedtune_base0 = base_weights(model)
+        apply(model, compress.decode(content[FedEx.RECORD]), base0)
+    elif base0 is not None:
+        apply(model, {}, base0)

@@ -52,6 +52,7 @@ def train(msg: Message, context: Context) -> Message:
     model, tokenizer, initial, examples, loss_fn, setup = client_setup(cfg, pid, context)
     received = comm.client_receive(msg.content["arrays"], initial)
     M.load_trainable_state(model, received)
+    lora_agg.receive_fedex(model, msg.content)
     conf = msg.content["config"]
     rnd, mu = int(conf["server-round"]), float(conf.get("proximal-mu", 0.0))
     with M.frozen(model, lora_agg.frozen_this_round(received, cfg.lora.aggregation, rnd)):

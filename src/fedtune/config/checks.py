@@ -340,10 +340,21 @@ def _check_lora_aggregation(cfg: Config) -> list[str]:
             f'`lora.aggregation = "rolora"` sends one factor a round, which a delta uplink '
             f'(`comm.uplink = "{cfg.comm.uplink}"`) cannot follow yet: use fp32, fp16 or bf16'
         )
-    if mode == "rolora" and cfg.privacy.dp.mode:
+    if mode == "fedex" and cfg.strategy.name not in ("fedavg", "fedprox"):
         p.append(
-            '`lora.aggregation = "rolora"` with `privacy.dp` is not supported yet '
-            "(Flower's DP clips the whole reply): use naive or ffa"
+            f'`lora.aggregation = "fedex"` corrects a plain weighted mean: use strategy fedavg '
+            f'or fedprox, not "{cfg.strategy.name}"'
+        )
+    deltas = {cfg.comm.uplink, cfg.comm.downlink} & {"int8", "topk", "topk-int8"}
+    if mode == "fedex" and deltas:
+        p.append(
+            f'`lora.aggregation = "fedex"` needs the exact factors clients trained: '
+            f"`comm` {sorted(deltas)[0]} cannot carry them yet; use fp32, fp16 or bf16"
+        )
+    if mode in ("rolora", "fedex") and cfg.privacy.dp.mode:
+        p.append(
+            f'`lora.aggregation = "{mode}"` with `privacy.dp` is not supported yet '
+            "(Flower's DP clips and noises the whole reply): use naive or ffa"
         )
     return p
 

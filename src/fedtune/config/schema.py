@@ -32,7 +32,8 @@ Quantization = Literal["", "4bit", "8bit"]
 Task = Literal["causal-lm", "instruction", "prompt-classification", "sequence-classification"]
 Template = Literal["alpaca", "chat"]
 Partitioner = Literal["iid", "fixed-size", "dirichlet", "shards", "natural"]
-LoraAggregation = Literal["naive", "ffa", "rolora"]
+LoraAggregation = Literal["naive", "ffa", "rolora", "fedex"]
+FedexDtype = Literal["fp32", "fp16", "bf16"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["constant", "cosine", "linear"]
 Precision = Literal["fp32", "bf16", "auto"]
@@ -85,7 +86,12 @@ class LoraConfig:
         "naive: FedAvg of A and B (gives mean(B) mean(A), not the mean update mean(B_i A_i)); "
         "ffa: FFA-LoRA, A frozen at its seeded init on every side, only B trains and travels "
         "(the mean is exact, half the bytes); rolora: RoLoRA, B trains in odd rounds and A in "
-        "even ones, the other frozen and identical everywhere (exact, half the uplink)",
+        "even ones, the other frozen and identical everywhere (exact, half the uplink); fedex: "
+        "FedEx-LoRA, mean A and B plus the residual mean(s B_i A_i) - s mean(B) mean(A) folded "
+        "into the frozen weights on every side (exact; the correction travels dense)",
+    )
+    fedex_dtype: FedexDtype = _f(
+        "fp32", "fedex: how the dense correction travels (fp16/bf16 halve its bytes)"
     )
 
 
