@@ -402,3 +402,53 @@ def test_fedex_in_a_federation_is_the_exact_mean_and_counts_its_bytes(
     assert rows[1]["lora_fedex_residual"] == pytest.approx(rows[1]["lora_naive_error"], rel=1e-6)
     dense = sum(t.numel() * 4 for t in grid.fedex[2].values())
     assert rows[2]["bytes_down"] - rows[1]["bytes_down"] >= 2 * dense  # 2 clients, counted
+
+
+def test_fedex_resume_equals_the_uninterrupted_run_and_final_loads_on_its_base(
+    tmp_path, tiny_model_dir, code_jsonl
+):
+    """The correction is server state: a resumed run restores it (else its model differs),
+    and final/ is a PEFT adapter for final/base (the corrected frozen weights), loaded by
+    stock transformers + PEFT to the model the server evaluated last."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedtune import checkpoint, compress, model as M
+    from fedtune.federation import run_federation
+    from fedtune.results import read_metrics
+    from grids import InProcessGrid, Killed, KilledInRound
+    from test_federation import make_cfg
+
+    common = ("lora.aggregation=fedex", "federation.rounds=3", "output.save_every=1")
+    full = make_cfg(
+        tiny_model_dir, code_jsonl, tmp_path / "full", *common, "output.save_final=true"
+    )
+    run_federation(InProcessGrid(full), full)
+    cut = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common)
+    with pytest.raises(Killed):
+        run_federation(KilledInRound(cut, 3), cut)
+    again = make_cfg(tiny_model_dir, code_jsonl, tmp_path / "cut", *common, "output.resume=true")
+    run_federation(InProcessGrid(again), again)
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["round"] for r in b] == [0, 1, 2, 3]
+    for key in ("eval_loss", "train_loss", "lora_fedex_residual"):
+        assert b[3][key] == pytest.approx(a[3][key], rel=1e-5), key
+
+    # final/ on final/base is the server's last model (rebuilt as resume rebuilds it: the
+    # recipe's model, the last checkpoint's adapter and correction); on plain W0 it is not
+    final, (_, last) = tmp_path / "full" / "final", checkpoint.latest(tmp_path / "full")
+    server = M.load_model(full)
+    checkpoint.load_weights(server, last, "lora")
+    fedex = L.FedEx(server, compress.Codec("fp32", 0.01, 64))
+    fedex.restore(server, checkpoint.load_server_state(last)["fedex_total"])
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        want = server.eval()(ids).logits
+        got = [
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(b), final)
+            .eval()(ids)
+            .logits
+            for b in (final / "base", tiny_model_dir)
+        ]
+    assert (got[0] - want).abs().max() < 1e-5
+    assert (got[1] - want).abs().max() > 1e-3  # the correction matters at this scale

@@ -66,10 +66,14 @@ def save_round(run_dir, rnd: int, model, tokenizer, server_state: dict, keep_las
     return target
 
 
-def save_best(run_dir, rnd: int, model, tokenizer, metric: str, value: float) -> Path:
+def save_best(
+    run_dir, rnd: int, model, tokenizer, metric: str, value: float, extra: dict | None = None
+) -> Path:
+    """checkpoints/best: the model, and in its server state what else defines it (`extra`:
+    FedEx-LoRA's correction of the frozen weights)."""
     root = _dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    _write_folder(root / "best", model, tokenizer, {"round": rnd, metric: value})
+    _write_folder(root / "best", model, tokenizer, {"round": rnd, metric: value, **(extra or {})})
     atomic_write_json(root / "best.json", {"round": rnd, "metric": metric, "value": value})
     return root / "best"
 

@@ -115,6 +115,8 @@ class ServerLoop:
         state = checkpoint.load_server_state(folder)
         checkpoint.load_weights(self.model, folder, self.cfg.model.finetune)
         checkpoint.restore_strategy(self.strategy, state["strategy"])
+        if self.fedex:  # the frozen weights the checkpoint's adapter was trained on
+            self.fedex.restore(self.model, state["fedex_total"])
         self.run.reset_lines(state["rows"])
         for row in self.run.rows:
             self.stopper.update(row)
@@ -325,7 +327,13 @@ class ServerLoop:
         cfg, rnd = self.cfg, row["round"]
         if self.best and self.best.update(row):
             checkpoint.save_best(
-                self.run.dir, rnd, self.model, self.tokenizer, self.metric, row.get(self.metric)
+                self.run.dir,
+                rnd,
+                self.model,
+                self.tokenizer,
+                self.metric,
+                row.get(self.metric),
+                {"fedex_total": self.fedex.total} if self.fedex else None,
             )
         self.stopper.update(row)
         if self.budget.update(row):
@@ -354,6 +362,7 @@ class ServerLoop:
             "config": self.cfg.to_dict(),
             "strategy": checkpoint.strategy_state(self.strategy),
             "elapsed_seconds": self.elapsed_before + time.perf_counter() - self.t_start,
+            "fedex_total": self.fedex.total if self.fedex else None,
         }
         checkpoint.save_round(
             self.run.dir, row["round"], self.model, self.tokenizer, state, self.cfg.output.keep_last
@@ -374,13 +383,17 @@ class ServerLoop:
         final_round = run.rows[-1]["round"]
         best = self.best.row["round"] if self.best and self.best.row else None
         if stopped and best is not None and best != final_round:
-            checkpoint.load_weights(
-                self.model, run.dir / "checkpoints" / "best", cfg.model.finetune
-            )
+            best_dir = run.dir / "checkpoints" / "best"
+            checkpoint.load_weights(self.model, best_dir, cfg.model.finetune)
+            if self.fedex:
+                total = checkpoint.load_server_state(best_dir)["fedex_total"]
+                self.fedex.restore(self.model, total)
             final_round = best
             self.log.info(f"final model = best checkpoint (round {final_round})")
         if cfg.output.save_final:
             M.save_final(self.model, self.tokenizer, run.dir / "final", cfg.model.name)
+            if self.fedex:  # the adapter belongs on the corrected frozen weights
+                M.save_base(self.model, self.tokenizer, run.dir / "final" / "base")
             self.log.info(
                 f"final model (round {final_round}) saved with save_pretrained in "
                 f"{run.dir / 'final'}"

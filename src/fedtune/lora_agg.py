@@ -236,9 +236,15 @@ class FedEx:
         den = sum(float(stack.update(m).square().sum()) for m in fixes)
         for module, fix in fixes.items():
             self.total[module] = self.total.get(module, 0) + fix.float()
-        self.record, _ = compress.encode(self.total, self.codec)
-        apply(model, compress.decode(self.record), self.base0)
+        self.restore(model, self.total)
         return (num / den) ** 0.5 if den else 0.0
+
+    def restore(self, model, total: dict[str, torch.Tensor]) -> None:
+        """Set the total (a checkpoint's, on resume) and apply it as clients will."""
+        self.total = {m: t.float() for m, t in total.items()}
+        if self.total:
+            self.record, _ = compress.encode(self.total, self.codec)
+            apply(model, compress.decode(self.record), self.base0)
 
 
 def base_weights(model) -> dict[str, torch.Tensor]:

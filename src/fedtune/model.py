@@ -7,6 +7,7 @@ fine-tuning every parameter (tied weights once, since `named_parameters` de-dupl
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import warnings
@@ -329,6 +330,14 @@ def from_arrays(record) -> dict[str, torch.Tensor]:
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_base(model, tokenizer, folder: Path) -> None:
+    """The frozen weights as they are now, without the adapter (FedEx-LoRA corrects them):
+    `AutoModel*.from_pretrained(folder)`, then `PeftModel.from_pretrained(base, final)`."""
+    base = copy.deepcopy(model).unload()
+    base.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def save_final(model, tokenizer, folder: Path, base_name: str) -> None:
