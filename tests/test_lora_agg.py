@@ -2,6 +2,7 @@
 sum_i w_i s B_i A_i / sum_i w_i, computed here client by client in float64 numpy."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -317,6 +318,10 @@ def test_rolora_refuses_a_reply_that_changes_the_frozen_factor(
         (["lora.aggregation=ffa", "model.finetune=full"], 'needs `model.finetune = "lora"`'),
         (["lora.aggregation=rolora", "comm.uplink=int8"], "delta uplink"),
         (["lora.aggregation=rolora", "privacy.dp.mode=client-fixed"], "not supported yet"),
+        (["lora.aggregation=svd", "strategy.name=fedavgm"], "plain weighted mean"),
+        (["lora.aggregation=svd", "comm.downlink=fp16"], "own rank's factors"),
+        (["lora.client_ranks=[4,8]"], 'needs `lora.aggregation = "svd"`'),
+        (["lora.aggregation=svd", "lora.client_ranks=[0,8]"], "positive ranks"),
     ],
 )
 def test_modes_that_cannot_run_say_so_before_anything_starts(sets, says):
@@ -452,3 +457,84 @@ def test_fedex_resume_equals_the_uninterrupted_run_and_final_loads_on_its_base(
         ]
     assert (got[0] - want).abs().max() < 1e-5
     assert (got[1] - want).abs().max() > 1e-3  # the correction matters at this scale
+
+
+def best_rank(dense: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """Eckart-Young by numpy: the best rank-k approximation and the energy share it drops."""
+    u, sv, vh = np.linalg.svd(dense)
+    return (u[:, :k] * sv[:k]) @ vh[:k], float((sv[k:] ** 2).sum() / (sv**2).sum())
+
+
+def test_svd_with_heterogeneous_client_ranks_keeps_the_best_rank_r_of_the_exact_mean(
+    tmp_path, tiny_model_dir, code_jsonl
+):
+    """Clients of ranks 2 and 4 (server rank 4): the server's s B A after round 1 is the best
+    rank-4 approximation of the brute-force weighted mean of the clients' s_i B_i A_i, each
+    client receives the best approximation at its own rank, the row reports the energy cut,
+    and round 1's all-zero downlink still trains (A restarts from the seeded init)."""
+    from flwr.app import MessageType
+
+    from fedtune.federation import run_federation
+    from fedtune.results import read_metrics
+    from grids import RecordingGrid, arrays_of
+    from test_federation import make_cfg
+
+    class EveryMessage(RecordingGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+                rnd = int(messages[0].content["config"].get("server-round", 0))
+                self.each[rnd] = [
+                    arrays_of(L.compress.unbundle(m.content["arrays"])) for m in messages
+                ]
+            return super().push_messages(messages)
+
+    cfg = make_cfg(
+        tiny_model_dir,
+        code_jsonl,
+        tmp_path,
+        "lora.aggregation=svd",
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.client_ranks=[2,4]",
+        "output.save_final=true",
+    )
+    grid = EveryMessage(cfg)
+    grid.each = {}
+    run_federation(grid, cfg)
+    rows = read_metrics(tmp_path)
+
+    def rank_of(arrays):
+        return next(v.shape[0] for k, v in arrays.items() if ".lora_A." in k)
+
+    replies = grid.replies[1]
+    assert sorted(rank_of(a) for _, _, a in replies) == [2, 4]
+    for sent in grid.each[1]:  # round 1: the global update is zero at every rank
+        assert all(not v.any() for k, v in sent.items() if ".lora_" in k)
+    for _, _, arrays in replies:  # ... yet B trained: A was revived from the seeded init
+        assert all(np.abs(v).max() > 0 for k, v in arrays.items() if ".lora_B." in k)
+    sent2 = {rank_of(a): a for a in grid.each[2]}
+    total, cut = sum(n for _, n, _ in replies), {2: [0.0, 0.0], 4: [0.0, 0.0]}
+    for key_a in [k for k in sent2[4] if ".lora_A." in k]:
+        key_b = key_a.replace(".lora_A.", ".lora_B.")
+        mean = (
+            sum(
+                n * (cfg.lora.alpha / rank_of(a)) * (a[key_b].astype(np.float64) @ a[key_a])
+                for _, n, a in replies
+            )
+            / total
+        )
+        held = mean  # the server keeps rank 4 of the mean, and sends rank 2 of what it keeps
+        for rank in (4, 2):
+            want, dropped = best_rank(held, rank)
+            got = (cfg.lora.alpha / rank) * (sent2[rank][key_b] @ sent2[rank][key_a])
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+            energy = float((held**2).sum())
+            cut[rank] = [cut[rank][0] + dropped * energy, cut[rank][1] + energy]
+            held = want
+    assert cut[4][0] > 0  # ranks 2 + 4 = 6 > 4: the server's truncation drops something
+    assert rows[1]["lora_svd_dropped"] == pytest.approx(cut[4][0] / cut[4][1], rel=1e-3)
+    assert rows[2]["lora_svd_dropped_down"] == pytest.approx(cut[2][0] / cut[2][1], rel=1e-3)
+    assert "lora_naive_error" not in rows[1]  # undefined across ranks
+    config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert config["r"] == 4  # the server's adapter: a stock PEFT one at lora.r

@@ -16,7 +16,7 @@ import time
 from typing import NoReturn
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedtune import (
     aggregation,
@@ -151,13 +151,8 @@ class ServerLoop:
         t_round = time.perf_counter()
         lr = lr_for_round(rnd, self.cfg.federation.rounds, self.cfg.train)
         state = M.trainable_state(self.model)
-        lora = lora_agg.LoraRound(
-            self.cfg.lora.aggregation,
-            state,
-            rnd,
-            self.cfg.lora.alpha / self.cfg.lora.r,
-            {k: v for k, v in M.lora_factors(self.model).items() if k not in state},
-        )
+        fixed = {k: v for k, v in M.lora_factors(self.model).items() if k not in state}
+        lora = lora_agg.LoraRound(self.cfg.lora, state, rnd, fixed)
         messages, folded, received, head = self.send_and_receive(rnd, lr, lora)
         clipping_norm = getattr(self.strategy, "clipping_norm", None)  # before it adapts
         new_arrays = aggregation.aggregate(
@@ -167,7 +162,8 @@ class ServerLoop:
             head |= self.ledger.release(len(received), clipping_norm)
         t_train = time.perf_counter() - t_round
         if new_arrays is not None:
-            M.load_trainable_state(self.model, M.from_arrays(new_arrays) | lora.keep)
+            new_state = M.from_arrays(new_arrays) | lora.keep | lora.merged()
+            M.load_trainable_state(self.model, new_state)
             if self.fedex and lora.stack is not None:  # the exact mean: fold the residual in
                 head["lora_fedex_residual"] = self.fedex.add(
                     lora.stack, self.model, M.trainable_state(self.model), lora.scaling
@@ -193,7 +189,7 @@ class ServerLoop:
         replies is recorded and retried, then the run stops."""
         fed = self.cfg.federation
         for attempt in range(fed.max_round_retries + 1):
-            messages = self.configure(rnd, attempt, lr)
+            messages = self.configure(rnd, attempt, lr, lora)
             sent = self.channel.view if not self.channel.plain else M.trainable_state(self.model)
             folded = aggregation.collector(self.strategy, self.accumulate, sent)
             received, errors, rejected = [], [], []
@@ -202,8 +198,9 @@ class ServerLoop:
             )
             self.log.info(f"round {rnd}/{fed.rounds}: {len(messages)} clients training")
             for reply in arrivals:
-                verdict, arrays = self.screen(reply, lora.expected(sent))
                 node = reply.metadata.src_node_id
+                mine = lora.sent_to(self.nodes.partition_of.get(node), sent)  # svd: its rank
+                verdict, arrays = self.screen(reply, lora.expected(mine))
                 if reply.has_error():
                     errors.append(reply)
                 elif verdict.reason:
@@ -213,7 +210,8 @@ class ServerLoop:
                     received.append(metrics | {"bytes": payload_bytes(reply), "node": node})
                     received[-1] |= {"update_norm": verdict.norm, "clip_scale": verdict.scale}
                     weight = float(metrics[aggregation.WEIGHT_KEY])
-                    arrays = lora.complete(arrays, sent, weight, verdict.scale)
+                    pid = self.nodes.partition_of.get(node)
+                    arrays = lora.complete(arrays, mine, weight, verdict.scale, pid)
                     folded.add(arrays, weight, verdict.scale)
                     self.log.info(f"round {rnd}: {len(received)}/{len(messages)} clients done")
                 del reply, arrays
@@ -264,7 +262,7 @@ class ServerLoop:
             return guard.Verdict(f"cannot decode the update: {err}"), None
         return guard.screen(arrays, sent, self.cfg.robust), arrays
 
-    def configure(self, rnd: int, attempt: int, lr: float) -> list:
+    def configure(self, rnd: int, attempt: int, lr: float, lora: lora_agg.LoraRound) -> list:
         """The strategy's own messages, over nodes sorted by partition id with `random`
         seeded by (seed, round, attempt): the same clients in every process and on resume."""
         self.nodes.wait()
@@ -281,8 +279,10 @@ class ServerLoop:
             else self.channel.downlink(M.trainable_state(self.model))
         )
         record = compress.bundle(record)  # one record, shared: Flower sends it once per node
-        for m in messages:
-            m.content["arrays"] = record
+        pids = [self.nodes.partition_of.get(m.metadata.dst_node_id) for m in messages]
+        for m, arrays in zip(messages, lora_agg.downlink_records(lora, pids, record), strict=True):
+            m.content = RecordDict(dict(m.content.items()))  # Flower shares one among messages
+            m.content["arrays"] = arrays
             if self.fedex and self.fedex.record is not None:  # the dense correction, counted
                 m.content[lora_agg.FedEx.RECORD] = self.fedex.record
         return messages

@@ -11,16 +11,19 @@ parameters (`<module>.lora_A.<adapter>.weight`, `<module>.lora_B.<adapter>.weigh
   and the error of `naive`), dense only where asked;
 - `naive_error` is ||mean(s BA) - s mean(B) mean(A)|| / ||mean(s BA)|| over all layers;
 - `residual` is what FedEx-LoRA folds into the frozen weights so the model is exact;
-- `refactor` is FlexLoRA's truncated SVD of the mean update to any client's rank.
+- `refactor` is FlexLoRA's truncated SVD of the mean update to any client's rank (`svd`:
+  clients of different ranks, `lora.client_ranks`; the server keeps rank `lora.r`).
 `ffa` and `rolora` need none of this: with one factor frozen and identical everywhere the
 element-wise mean of the other is already exact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+from flwr.app import ArrayRecord
 
 from fedtune import compress
 from fedtune.aggregation import tensors
@@ -129,6 +132,7 @@ class Factors:
     b: torch.Tensor  # (out, rank)
     a: torch.Tensor  # (rank, in)
     dropped: float  # share of the update's energy (sum of squared singular values) cut
+    energy: float  # the update's energy, ||b @ a||_F^2
 
 
 def refactor(b: torch.Tensor, a: torch.Tensor, rank: int, scaling: float) -> Factors:
@@ -140,6 +144,8 @@ def refactor(b: torch.Tensor, a: torch.Tensor, rank: int, scaling: float) -> Fac
     qb, rb = torch.linalg.qr(b.double())
     qa, ra = torch.linalg.qr(a.double().T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
+    if s.numel():  # directions ~1e-7 of the largest are rounding noise: exactly zero, so a
+        s = torch.where(s > s[0] * 1e-7, s, 0.0)  # client restarts them (`revive`)
     k = min(rank, s.numel())
     root = (s[:k] / scaling).sqrt()
     new_b = torch.zeros(b.shape[0], rank, dtype=torch.float64)
@@ -148,7 +154,53 @@ def refactor(b: torch.Tensor, a: torch.Tensor, rank: int, scaling: float) -> Fac
     new_a[:k] = root[:, None] * (vh[:k] @ qa.T)
     energy = float(s.square().sum())
     dropped = float(s[k:].square().sum()) / energy if energy else 0.0
-    return Factors(new_b.float(), new_a.float(), dropped)
+    return Factors(new_b.float(), new_a.float(), dropped, energy)
+
+
+def refactor_all(factors_of, layers: list[Pair], rank: int, scaling: float):
+    """(LoRA tensors of `rank` for every layer, the share of the energy dropped over all
+    layers): `factors_of(module)` gives the (B, A) whose product is the update to keep."""
+    out, cut, energy = {}, 0.0, 0.0
+    for pair in layers:
+        f = refactor(*factors_of(pair.module), rank, scaling)
+        out[pair.a], out[pair.b] = f.a, f.b
+        cut, energy = cut + f.dropped * f.energy, energy + f.energy
+    return out, (cut / energy if energy else 0.0)
+
+
+def client_rank(lora, pid: int | None) -> int:
+    """`svd`: client `pid`'s LoRA rank (`lora.client_ranks` in turn by partition id); else,
+    and for the server (pid None), `lora.r`."""
+    ranks = lora.client_ranks if lora.aggregation == "svd" else []
+    return ranks[pid % len(ranks)] if ranks and pid is not None else lora.r
+
+
+def for_client(cfg, pid: int):
+    """The config a client builds its model from: its own LoRA rank under `svd`."""
+    rank = client_rank(cfg.lora, pid)
+    return (
+        cfg
+        if rank == cfg.lora.r
+        else dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, r=rank))
+    )
+
+
+def revive(model, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`svd`, client side: rows of A that arrive as zeros (the global update has a lower rank
+    than this client's adapter, as in round 1 where it is zero) restart from this model's
+    seeded initial A. B's matching columns are zero, so the update is unchanged, but both
+    can train again (with both zero, neither gets a gradient)."""
+    init = getattr(model, "fedtune_lora_init", None)
+    if init is None:  # the first message: the adapter is still as `add_lora` seeded it
+        init = model.fedtune_lora_init = {
+            n: p.detach().clone() for n, p in model.named_parameters() if A_PART in n
+        }
+    out = dict(received)
+    for key, a in received.items():
+        if A_PART in key:
+            dead = a.abs().sum(dim=1) == 0
+            out[key] = torch.where(dead[:, None], init[key].to(a.dtype), a)
+    return out
 
 
 def frozen_this_round(keys, mode: str, rnd: int) -> set[str]:
@@ -163,51 +215,110 @@ def frozen_this_round(keys, mode: str, rnd: int) -> set[str]:
 
 class LoraRound:
     """What a round's `lora.aggregation` asks of the server: the keys frozen this round
-    (clients must not send them; the server's copy fills in, bit for bit), and the accepted
-    replies' factors, for how far element-wise averaging is from the exact mean."""
+    (clients must not send them; the server's copy fills in, bit for bit), the accepted
+    replies' factors (for the error of element-wise averaging, FedEx's residual and the
+    `svd` merge), and under `svd` each client's own downlink at its rank."""
 
-    def __init__(
-        self,
-        mode: str,
-        state: dict[str, torch.Tensor],
-        rnd: int,
-        scaling: float,
-        fixed: dict[str, torch.Tensor] | None = None,
-    ):
-        """`state`: the trainable tensors the round sends; `fixed`: LoRA factors that never
-        train (FFA-LoRA's A), needed only to measure."""
-        self.frozen = frozen_this_round(state, mode, rnd)
+    def __init__(self, lora, state: dict, rnd: int, fixed: dict | None = None):
+        """`lora`: the run's LoraConfig; `state`: the trainable tensors the round sends;
+        `fixed`: LoRA factors that never train (FFA-LoRA's A), needed only to measure."""
+        self.lora, self.state, self.svd = lora, state, lora.aggregation == "svd"
+        self.frozen = frozen_this_round(state, lora.aggregation, rnd)
         self.keep = {k: state[k].clone() for k in self.frozen}
         self.fixed = fixed or {}
-        self.stack = FactorStack() if pairs(state.keys() | self.fixed.keys()) else None
-        self.scaling = scaling
+        self.layers = pairs(state.keys() | self.fixed.keys())
+        self.stack = FactorStack() if self.layers else None
+        self.scaling = lora.alpha / lora.r
+        self.downs: dict[int, dict] = {}  # svd: rank -> the LoRA tensors sent at that rank
+        self.dropped: dict[str, float] = {}
+
+    def downlink(self, pid: int | None) -> dict | None:
+        """`svd`: the LoRA tensors client `pid` receives, the global update (rank <= lora.r)
+        refactored to the client's rank; None where every client gets the same record."""
+        if not self.svd:
+            return None
+        rank = client_rank(self.lora, pid)
+        if rank not in self.downs:
+            self.downs[rank], cut = refactor_all(
+                self._global, self.layers, rank, self.lora.alpha / rank
+            )
+            self.dropped["lora_svd_dropped_down"] = max(
+                cut, self.dropped.get("lora_svd_dropped_down", 0.0)
+            )
+        return self.downs[rank]
+
+    def _global(self, module: str):
+        pair = next(p for p in self.layers if p.module == module)
+        return self.scaling * self.state[pair.b].double(), self.state[pair.a].double()
+
+    def sent_to(self, pid: int | None, sent: dict) -> dict:
+        """What client `pid` started from (under `svd`: its own rank's factors)."""
+        down = self.downlink(pid)
+        return sent if down is None else sent | down
 
     def expected(self, sent: dict) -> dict:
         """What a reply must hold: the sent tensors that train this round."""
         return {k: v for k, v in sent.items() if k not in self.frozen}
 
-    def complete(self, arrays, sent: dict, weight: float, scale: float):
-        """The reply with the frozen keys filled in; its factors (as clipped by `scale`
-        against `sent`) join the stack."""
+    def complete(self, arrays, sent: dict, weight: float, scale: float, pid: int | None):
+        """The reply as the strategy should average it: frozen keys filled in, and under
+        `svd` the LoRA factors (of the client's rank) replaced by the server's (they merge
+        through the stack instead). Its factors, as clipped by `scale` against `sent`, join
+        the stack."""
         if not self.frozen and self.stack is None:
             return arrays
         full = dict(tensors(arrays)) | {k: v.clone() for k, v in self.keep.items()}
-        if self.stack is not None:
-            clipped = (
-                full
-                if scale == 1.0
-                else {
-                    k: sent[k].double() + scale * (v.double() - sent[k].double())
-                    for k, v in full.items()
-                }
-            )
-            self.stack.add(clipped | self.fixed, weight, self.scaling)
+        clipped = (
+            full
+            if scale == 1.0
+            else {
+                k: sent[k].double() + scale * (v.double() - sent[k].double())
+                for k, v in full.items()
+            }
+        )
+        self.stack.add(clipped | self.fixed, weight, self.lora.alpha / client_rank(self.lora, pid))
+        if self.svd:
+            full = dict(tensors(arrays)) | {p.a: self.state[p.a] for p in self.layers}
+            return full | {p.b: self.state[p.b] for p in self.layers}
         return full if self.frozen else arrays
+
+    def merged(self) -> dict:
+        """`svd`: the server's new factors, rank lora.r, from the exact mean update."""
+        if not self.svd or not self.stack.weights:
+            return {}
+        out, self.dropped["lora_svd_dropped"] = refactor_all(
+            self.stack.factors, self.layers, self.lora.r, self.scaling
+        )
+        return out
 
     def metrics(self) -> dict:
         if self.stack is None or not self.stack.weights:
             return {}
-        return {"lora_naive_error": naive_error(self.stack)}
+        error = naive_error(self.stack)  # None where client ranks differ
+        return self.dropped | ({"lora_naive_error": error} if error is not None else {})
+
+
+def wire(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor as `model.to_arrays` sends the model's: its dtype, bf16 as fp32."""
+    return t.to(torch.float32 if dtype == torch.bfloat16 else dtype)
+
+
+def downlink_records(lora: LoraRound, pids: list, shared):
+    """The arrays record for each message's client: `shared` unless `svd` gives the client
+    its own rank's factors (one record per rank, shared by the clients of that rank)."""
+    by_rank: dict[int, ArrayRecord] = {}
+    out = []
+    for pid in pids:
+        down = lora.downlink(pid)
+        if down is None:
+            out.append(shared)
+            continue
+        rank = client_rank(lora.lora, pid)
+        if rank not in by_rank:
+            sent = {k: wire(v, lora.state[k].dtype) for k, v in (lora.state | down).items()}
+            by_rank[rank] = compress.bundle(ArrayRecord(sent))
+        out.append(by_rank[rank])
+    return out
 
 
 def adapted_layers(model) -> dict[str, torch.nn.Module]:

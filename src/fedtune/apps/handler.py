@@ -48,9 +48,12 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
 def train(msg: Message, context: Context) -> Message:
     cfg = config_from_run_config(context.run_config)
     pid = partition_id(context, cfg)
+    cfg = lora_agg.for_client(cfg, pid)  # svd: this client's own LoRA rank
     process_age = process_age_seconds()  # in deployment: spawn + imports of this process
     model, tokenizer, initial, examples, loss_fn, setup = client_setup(cfg, pid, context)
     received = comm.client_receive(msg.content["arrays"], initial)
+    if cfg.lora.aggregation == "svd":
+        received = lora_agg.revive(model, received)
     M.load_trainable_state(model, received)
     lora_agg.receive_fedex(model, msg.content)
     conf = msg.content["config"]

@@ -340,9 +340,9 @@ def _check_lora_aggregation(cfg: Config) -> list[str]:
             f'`lora.aggregation = "rolora"` sends one factor a round, which a delta uplink '
             f'(`comm.uplink = "{cfg.comm.uplink}"`) cannot follow yet: use fp32, fp16 or bf16'
         )
-    if mode == "fedex" and cfg.strategy.name not in ("fedavg", "fedprox"):
+    if mode in ("fedex", "svd") and cfg.strategy.name not in ("fedavg", "fedprox"):
         p.append(
-            f'`lora.aggregation = "fedex"` corrects a plain weighted mean: use strategy fedavg '
+            f'`lora.aggregation = "{mode}"` works on a plain weighted mean: use strategy fedavg '
             f'or fedprox, not "{cfg.strategy.name}"'
         )
     deltas = {cfg.comm.uplink, cfg.comm.downlink} & {"int8", "topk", "topk-int8"}
@@ -351,7 +351,18 @@ def _check_lora_aggregation(cfg: Config) -> list[str]:
             f'`lora.aggregation = "fedex"` needs the exact factors clients trained: '
             f"`comm` {sorted(deltas)[0]} cannot carry them yet; use fp32, fp16 or bf16"
         )
-    if mode in ("rolora", "fedex") and cfg.privacy.dp.mode:
+    codecs = {cfg.comm.uplink, cfg.comm.downlink} - {"fp32"}
+    if mode == "svd" and codecs:
+        p.append(
+            '`lora.aggregation = "svd"` sends each client its own rank\'s factors, which `comm` '
+            f'"{sorted(codecs)[0]}" cannot encode yet: use comm.uplink = comm.downlink = "fp32"'
+        )
+    ranks = cfg.lora.client_ranks
+    if ranks and mode != "svd":
+        p.append('`lora.client_ranks` needs `lora.aggregation = "svd"` (or leave it empty)')
+    if any(r < 1 for r in ranks):
+        p.append(f"`lora.client_ranks` must be positive ranks, got {ranks}")
+    if mode in ("rolora", "fedex", "svd") and cfg.privacy.dp.mode:
         p.append(
             f'`lora.aggregation = "{mode}"` with `privacy.dp` is not supported yet '
             "(Flower's DP clips and noises the whole reply): use naive or ffa"

@@ -32,7 +32,7 @@ Quantization = Literal["", "4bit", "8bit"]
 Task = Literal["causal-lm", "instruction", "prompt-classification", "sequence-classification"]
 Template = Literal["alpaca", "chat"]
 Partitioner = Literal["iid", "fixed-size", "dirichlet", "shards", "natural"]
-LoraAggregation = Literal["naive", "ffa", "rolora", "fedex"]
+LoraAggregation = Literal["naive", "ffa", "rolora", "fedex", "svd"]
 FedexDtype = Literal["fp32", "fp16", "bf16"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["constant", "cosine", "linear"]
@@ -88,7 +88,14 @@ class LoraConfig:
         "(the mean is exact, half the bytes); rolora: RoLoRA, B trains in odd rounds and A in "
         "even ones, the other frozen and identical everywhere (exact, half the uplink); fedex: "
         "FedEx-LoRA, mean A and B plus the residual mean(s B_i A_i) - s mean(B) mean(A) folded "
-        "into the frozen weights on every side (exact; the correction travels dense)",
+        "into the frozen weights on every side (exact; the correction travels dense); svd: "
+        "FlexLoRA, the exact mean update re-factorised by truncated SVD to rank r on the server "
+        "and to each client's rank (`client_ranks`) on the way down",
+    )
+    client_ranks: list[int] = _f(
+        [],
+        "svd: LoRA rank of each client, in turn by partition id (e.g. [4, 8, 16]); empty = r "
+        "for all. The server's adapter (evaluated, saved) has rank r",
     )
     fedex_dtype: FedexDtype = _f(
         "fp32", "fedex: how the dense correction travels (fp16/bf16 halve its bytes)"
