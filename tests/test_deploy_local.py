@@ -50,20 +50,29 @@ def wait_for_refusal(dep):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "tls, workers, mode",
-    [(False, True, "naive"), (True, False, "naive"), (False, True, "rolora")],
-    ids=["insecure-workers", "tls-no-workers", "rolora-workers"],
+    [
+        (False, True, ["naive"]),
+        (True, False, ["naive"]),
+        (False, True, ["rolora"]),
+        (False, True, ["svd", "lora.r=4", "lora.client_ranks=[2,4]"]),
+        (False, False, ["fedex"]),
+    ],
+    ids=["insecure-workers", "tls-no-workers", "rolora-workers", "svd-workers", "fedex-no-workers"],
 )
 def test_deployment_gives_the_simulation_metrics(
     tmp_path, tiny_model_dir, code_jsonl, tls, workers, mode
 ):
     """Same metrics as simulation, whether a warm `fedtune worker` beside each SuperNode
-    trains (the default) or every per-message ClientApp process loads model and data; and
-    with RoLoRA, whose workers keep one model and freeze a different factor each round."""
+    trains (the default) or every per-message ClientApp process loads model and data; with
+    RoLoRA, whose workers keep one model and freeze a different factor each round; with
+    FlexLoRA's per-client ranks (one record per rank through Flower's wire); and with
+    FedEx-LoRA, whose fresh ClientApp processes rebuild W0 + the correction every round."""
     sim, dep = tmp_path / "sim", tmp_path / "dep"
     same = (  # client_threads: no thread adjustment
         "output.plots=false",
         "federation.client_threads=1",
-        f"lora.aggregation={mode}",
+        f"lora.aggregation={mode[0]}",
+        *mode[1:],
     )
     run_cli(tiny_overrides(tiny_model_dir, code_jsonl, sim, *same))
     args = (
@@ -92,9 +101,9 @@ def test_deployment_gives_the_simulation_metrics(
         if ra["round"]:
             assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
             assert rb["bytes_up"] == ra["bytes_up"] and rb["clients_ok"] == 2
-            assert rb["lora_naive_error"] == pytest.approx(
-                ra["lora_naive_error"], rel=1e-4, abs=1e-6
-            )
+            for key in ("lora_naive_error", "lora_fedex_residual", "lora_svd_dropped"):
+                if key in ra:  # (each mode writes its own)
+                    assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
     if workers:  # the workers loaded the model in round 1 and kept it
         assert [r["client_model_loads"] for r in b[1:]] == [2, 0]
         assert all((r["client_workers"], r["client_worker_fallbacks"]) == (2, 0) for r in b[1:])
