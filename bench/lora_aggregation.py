@@ -2,11 +2,13 @@
 
     python bench/lora_aggregation.py                          # both LoRA demos, all modes
     python bench/lora_aggregation.py --modes naive fedex --set federation.rounds=2
-    python bench/lora_aggregation.py --recipes recipes/demo-instruct.toml --client-ranks 4,8
+    python bench/lora_aggregation.py --recipes recipes/demo-instruct.toml --modes svd@2,4,8
 
 Each (recipe, mode) is one `fedtune run --engine inprocess` of the same recipe, seed and
 partitions (early stopping off, so every mode trains the same rounds; generation and suites
-off, so it fits 2 cores); `svd` also gets `lora.client_ranks`. From metrics.jsonl: the
+off, so it fits 2 cores). `svd@4,8,16` is `svd` with `lora.client_ranks = [4, 8, 16]` and
+the server at the largest rank (plain `svd`: every client at the recipe's rank). From
+metrics.jsonl: the
 headline metric at round 0, at the end and at its best, MB per round each way (the
 serialized records that travelled), and the mean over rounds of `lora_naive_error` (how far
 element-wise averaging is from the mean update) and of `lora_fedex_residual` /
@@ -30,7 +32,7 @@ RECIPES = [
     str(ROOT / "recipes" / "demo-prompt-sentiment.toml"),
     str(ROOT / "recipes" / "demo-instruct.toml"),
 ]
-MODES = ["naive", "ffa", "rolora", "fedex", "svd"]
+MODES = ["naive", "ffa", "rolora", "fedex", "svd", "svd@4,8,16"]
 EXTRA = {"fedex": "lora_fedex_residual", "svd": "lora_svd_dropped"}  # mode -> row key
 MIB = 2**20
 
@@ -49,9 +51,11 @@ def tail(log: Path, lines: int = 3) -> str:
     return " / ".join(last) or "no output"
 
 
-def run(recipe: str, mode: str, extra: list[str], tmp: Path, ranks: str) -> dict:
-    """One run of `recipe` with `lora.aggregation = mode`; a result dict, failed or not."""
-    name = f"{Path(recipe).stem}-{mode}"
+def run(recipe: str, spec: str, extra: list[str], tmp: Path) -> dict:
+    """One run of `recipe` with `lora.aggregation` as `spec` says (MODE or svd@RANKS); a
+    result dict, failed or not."""
+    mode, _, ranks = spec.partition("@")
+    name = f"{Path(recipe).stem}-{mode}-{ranks.replace(',', '-')}"
     out, log = tmp / name, tmp / f"{name}.log"
     sets = [
         f"lora.aggregation={mode}",
@@ -64,13 +68,13 @@ def run(recipe: str, mode: str, extra: list[str], tmp: Path, ranks: str) -> dict
         "eval.generate=false",
         "eval.suites=[]",
     ]
-    if mode == "svd" and ranks:
-        sets.append(f"lora.client_ranks=[{ranks}]")
+    if ranks:
+        sets += [f"lora.client_ranks=[{ranks}]", f"lora.r={max(map(int, ranks.split(',')))}"]
     sets += extra  # the user's --set last, so they win
     cmd = [sys.executable, "-m", "fedtune.cli", "run", recipe, "--engine", "inprocess"]
     for s in sets:
         cmd += ["--set", s]
-    result: dict = {"recipe": recipe, "mode": mode, "command": shlex.join(cmd)}
+    result: dict = {"recipe": recipe, "mode": spec, "command": shlex.join(cmd)}
     t0 = time.perf_counter()
     with log.open("w") as f:  # stdout too: the CLI's one-line errors may go to either
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -96,6 +100,7 @@ def run(recipe: str, mode: str, extra: list[str], tmp: Path, ranks: str) -> dict
         "up_mb": mean_of(trained, "bytes_up") / MIB if trained else None,
         "naive_error": mean_of(trained, "lora_naive_error"),
         "extra": mean_of(trained, EXTRA[mode]) if mode in EXTRA else None,
+        "dropped_down": mean_of(trained, "lora_svd_dropped_down"),
     }
 
 
@@ -114,6 +119,11 @@ def line(r: dict) -> str:
     )
 
 
+def extra(r: dict) -> str:
+    down = f"; {fmt(r['dropped_down'])}" if r.get("dropped_down") is not None else ""
+    return fmt(r["extra"]) + down
+
+
 def table(recipe: str, results: list[dict]) -> str:
     """The README table of one recipe, one row per mode."""
     ok = [r for r in results if "error" not in r]
@@ -121,7 +131,7 @@ def table(recipe: str, results: list[dict]) -> str:
     out = [
         f"{Path(recipe).name}: {metric}; MB per round, all clients together; means over rounds\n",
         f"| mode | {metric} round 0 -> final | best | MB down/round | MB up/round | "
-        "naive error (mean over rounds) | extra (fedex residual / svd dropped energy) | seconds |",
+        "naive error | fedex residual / svd energy dropped (server; down) | seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -132,7 +142,7 @@ def table(recipe: str, results: list[dict]) -> str:
         out.append(
             f"| {r['mode']} | {fmt(r['round0'])} -> {fmt(r['final'])} | {fmt(r['best'])} | "
             f"{fmt(r['down_mb'], '.3f')} | {fmt(r['up_mb'], '.3f')} | {fmt(r['naive_error'])} | "
-            f"{fmt(r['extra'])} | {r['seconds']:.0f} |"
+            f"{extra(r)} | {r['seconds']:.0f} |"
         )
     return "\n".join(out)
 
@@ -141,11 +151,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipes", nargs="+", default=RECIPES)
     ap.add_argument("--modes", nargs="+", default=MODES)
-    ap.add_argument(
-        "--client-ranks",
-        default="4,8,16",
-        help="svd: `lora.client_ranks`, comma-separated ('' = leave the recipe's)",
-    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", help="also write every run's results to this file")
     args = ap.parse_args()
@@ -155,7 +160,7 @@ def main() -> None:
         for recipe in args.recipes:
             for mode in args.modes:
                 print(f"recipe {recipe} mode {mode}: running ...", file=sys.stderr, flush=True)
-                r = run(recipe, mode, args.set, Path(tmp), args.client_ranks.strip())
+                r = run(recipe, mode, args.set, Path(tmp))
                 by_recipe.setdefault(recipe, []).append(r)
                 print(f"recipe {recipe} mode {mode}: {line(r)}", file=sys.stderr, flush=True)
     print(f"`{command}`\n")

@@ -54,6 +54,7 @@ LAYERS = [
     "guard",
     "privacy",
     "rounds",
+    "closing",
     "federation",
     "apps",
     "apps.cache",

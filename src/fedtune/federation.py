@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedtune import (
     aggregation,
     checkpoint,
+    closing,
     comm,
     compress,
     config as C,
@@ -35,13 +36,11 @@ from fedtune import (
 from fedtune.errors import ModelError, RunError
 from fedtune.evaluate import evaluate_task, run_suites
 from fedtune.nodes import NodeDirectory
-from fedtune.report import fmt, write_model_card, write_plots, write_report
+from fedtune.report import write_plots
 from fedtune.results import (
     RunFolder,
-    manifest,
     partition_report,
     peak_rss_mb,
-    summarize,
 )
 from fedtune.rounds import (
     BestTracker,
@@ -377,69 +376,8 @@ class ServerLoop:
             self.log.warning(f"could not write plots: {err!r}")
 
     def finish(self) -> dict:
-        """Final model (the best round's after early stopping), summary, report."""
-        cfg, run = self.cfg, self.run
-        stopped = self.stopper.should_stop()
-        final_round = run.rows[-1]["round"]
-        best = self.best.row["round"] if self.best and self.best.row else None
-        if stopped and best is not None and best != final_round:
-            best_dir = run.dir / "checkpoints" / "best"
-            checkpoint.load_weights(self.model, best_dir, cfg.model.finetune)
-            if self.fedex:
-                total = checkpoint.load_server_state(best_dir)["fedex_total"]
-                self.fedex.restore(self.model, total)
-            final_round = best
-            self.log.info(f"final model = best checkpoint (round {final_round})")
-        if cfg.output.save_final:
-            M.save_final(self.model, self.tokenizer, run.dir / "final", cfg.model.name)
-            if self.fedex:  # the adapter belongs on the corrected frozen weights
-                M.save_base(self.model, self.tokenizer, run.dir / "final" / "base")
-            self.log.info(
-                f"final model (round {final_round}) saved with save_pretrained in "
-                f"{run.dir / 'final'}"
-            )
-        summary = summarize(
-            run.rows,
-            self.elapsed_before + time.perf_counter() - self.t_start,
-            self.metric,
-            {
-                "config_hash": cfg.hash(),
-                "model": cfg.model.name,
-                "finetune": cfg.model.finetune,
-                "strategy": cfg.strategy.name,
-                "trainable_parameters": self.trainable,
-                "compression": f"uplink {cfg.comm.uplink}, downlink {cfg.comm.downlink}",
-                "privacy": self.ledger.summary() if self.ledger else None,
-                "client_failures": sum(r.get("clients_failed", 0) for r in run.rows),
-                "final_model": str(run.dir / "final") if cfg.output.save_final else None,
-                "final_model_round": final_round,
-                "stopped_early": stopped or self.budget.should_stop(),
-                "stop_reason": self.stopper.reason()
-                if stopped
-                else (self.budget.reason() if self.budget.should_stop() else None),
-                "resumed_from_round": self.start_round - 1 if cfg.output.resume else None,
-                "manifest": manifest(cfg, self.parts),
-            },
-        )
-        if cfg.output.save_final:  # before summary.json: a finished-looking run has its card
-            write_model_card(cfg, summary, run.dir / "final")
-        run.write_summary(summary)
-        if cfg.output.plots:
-            try:
-                self.log.info(f"report: {write_report(run.dir)[1]}")
-            except Exception as err:  # noqa: BLE001
-                self.log.warning(f"could not write the report: {err!r}")
-        best_text = (
-            f"best round {summary['best_round']} ({self.metric} "
-            f"{fmt(summary['best_value'], missing='n/a')})"
-        )
-        self.log.info(
-            f"done: {summary['rounds_completed']} rounds in "
-            f"{summary['total_wall_seconds']:.0f}s; {best_text}; communicated "
-            f"{(summary['total_bytes_down'] + summary['total_bytes_up']) / 2**20:.1f}"
-            f" MiB; results in {run.dir}"
-        )
-        return summary
+        """Final model, summary.json, report (`closing.finish`)."""
+        return closing.finish(self)
 
 
 def run_federation(grid, cfg: C.Config) -> dict:

@@ -102,6 +102,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         (k.replace("_", " "), fmt(summary[k]))
         for k in (
             "trainable_parameters",
+            "lora_aggregation",
             "compression",
             "client_failures",
             "final_model",
