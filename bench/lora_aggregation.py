@@ -11,7 +11,7 @@ the server at the largest rank (plain `svd`: every client at the recipe's rank).
 metrics.jsonl: the
 headline metric at round 0, at the end and at its best, MB per round each way (the
 serialized records that travelled), and the mean over rounds of `lora_naive_error` (how far
-element-wise averaging is from the mean update) and of `lora_fedex_residual` /
+element-wise averaging is from the mean update; also per round) and of `lora_fedex_residual` /
 `lora_svd_dropped`. A failed run is a table row, not the end of the bench. Prints one
 markdown table per recipe. Not a test: one seed, this machine.
 """
@@ -79,18 +79,23 @@ def run(recipe: str, spec: str, extra: list[str], tmp: Path) -> dict:
     with log.open("w") as f:  # stdout too: the CLI's one-line errors may go to either
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     result["seconds"] = time.perf_counter() - t0
+    return result | collect(out, log, code, mode)
+
+
+def collect(out: Path, log: Path, code: int, mode: str) -> dict:
+    """What one run's folder says (or why it failed)."""
     if code != 0:
-        return result | {"error": f"exit {code}: {tail(log)}"}
+        return {"error": f"exit {code}: {tail(log)}"}
     try:
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError) as err:
-        return result | {"error": f"no results: {err}"}
+        return {"error": f"no results: {err}"}
     trained = [r for r in rows if r["round"] > 0 and r.get("status") != "failed"]
     metric = summary["best_metric"]
     start = next((r.get(metric) for r in rows if r["round"] == 0), None)
     evaluated = [r[metric] for r in trained if r.get(metric) is not None]
-    return result | {
+    return {
         "metric": metric,
         "round0": start,
         "final": evaluated[-1] if evaluated else None,
@@ -99,6 +104,7 @@ def run(recipe: str, spec: str, extra: list[str], tmp: Path) -> dict:
         "down_mb": mean_of(trained, "bytes_down") / MIB if trained else None,
         "up_mb": mean_of(trained, "bytes_up") / MIB if trained else None,
         "naive_error": mean_of(trained, "lora_naive_error"),
+        "naive_error_rounds": [r.get("lora_naive_error") for r in trained],
         "extra": mean_of(trained, EXTRA[mode]) if mode in EXTRA else None,
         "dropped_down": mean_of(trained, "lora_svd_dropped_down"),
     }
@@ -119,6 +125,10 @@ def line(r: dict) -> str:
     )
 
 
+def per_round(r: dict) -> str:
+    return " / ".join(fmt(x) for x in r.get("naive_error_rounds", [])) or "-"
+
+
 def extra(r: dict) -> str:
     down = f"; {fmt(r['dropped_down'])}" if r.get("dropped_down") is not None else ""
     return fmt(r["extra"]) + down
@@ -131,7 +141,7 @@ def table(recipe: str, results: list[dict]) -> str:
     out = [
         f"{Path(recipe).name}: {metric}; MB per round, all clients together; means over rounds\n",
         f"| mode | {metric} round 0 -> final | best | MB down/round | MB up/round | "
-        "naive error | fedex residual / svd energy dropped (server; down) | seconds |",
+        "naive error per round | fedex residual / svd energy dropped (server; down) | seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -141,7 +151,7 @@ def table(recipe: str, results: list[dict]) -> str:
             continue
         out.append(
             f"| {r['mode']} | {fmt(r['round0'])} -> {fmt(r['final'])} | {fmt(r['best'])} | "
-            f"{fmt(r['down_mb'], '.3f')} | {fmt(r['up_mb'], '.3f')} | {fmt(r['naive_error'])} | "
+            f"{fmt(r['down_mb'], '.3f')} | {fmt(r['up_mb'], '.3f')} | {per_round(r)} | "
             f"{extra(r)} | {r['seconds']:.0f} |"
         )
     return "\n".join(out)
