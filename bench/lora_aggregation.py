@@ -130,8 +130,9 @@ def per_round(r: dict) -> str:
 
 
 def extra(r: dict) -> str:
-    down = f"; {fmt(r['dropped_down'])}" if r.get("dropped_down") is not None else ""
-    return fmt(r["extra"]) + down
+    """Small shares matter here (1e-5 is not 0): two significant digits."""
+    down = f"; {fmt(r['dropped_down'], '.2g')}" if r.get("dropped_down") is not None else ""
+    return fmt(r["extra"], ".2g") + down
 
 
 def table(recipe: str, results: list[dict]) -> str:
